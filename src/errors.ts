@@ -1,0 +1,61 @@
+// Every error Phantoma reports, with a stable machine-readable code, its HTTP status and OpenAI error type.
+// Clients and scripts branch on `code`; messages may change, codes may not. docs/errors.md documents each
+// code (a test enforces it), and the CLI maps `exit` to its exit status.
+
+export interface ErrorDefinition {
+  readonly code: string;
+  readonly status: number;
+  /** OpenAI's error `type` field, so existing clients classify our errors correctly. */
+  readonly type: 'invalid_request_error' | 'authentication_error' | 'rate_limit_error' | 'server_error' | 'not_found_error';
+  /** CLI exit status when this error ends a command. */
+  readonly exit: number;
+}
+
+function def(code: string, status: number, type: ErrorDefinition['type'], exit: number): ErrorDefinition {
+  return Object.freeze({ code, status, type, exit });
+}
+
+/** The catalogue. Add new codes here only, and document them in docs/errors.md. */
+export const ERRORS = Object.freeze({
+  // configuration and command line
+  CONFIG_INVALID: def('config_invalid', 500, 'server_error', 2),
+  CONFIG_UNREADABLE: def('config_unreadable', 500, 'server_error', 2),
+  CLI_USAGE: def('cli_usage', 400, 'invalid_request_error', 2),
+  RUNTIME_UNSUPPORTED: def('runtime_unsupported', 500, 'server_error', 2),
+  // models
+  MODEL_NOT_FOUND: def('model_not_found', 404, 'not_found_error', 3),
+  MODEL_FILE_INVALID: def('model_file_invalid', 500, 'server_error', 3),
+  MODEL_DIGEST_MISMATCH: def('model_digest_mismatch', 500, 'server_error', 3),
+  MODEL_LOAD_FAILED: def('model_load_failed', 500, 'server_error', 3),
+  // generic
+  INTERNAL: def('internal_error', 500, 'server_error', 1),
+});
+
+export type ErrorKey = keyof typeof ERRORS;
+
+export class PhantomaError extends Error {
+  readonly code: string;
+  readonly status: number;
+  readonly type: ErrorDefinition['type'];
+  readonly exit: number;
+  /** Structured detail safe to log and return: never content, never a credential. */
+  readonly details: Readonly<Record<string, unknown>> | undefined;
+
+  constructor(definition: ErrorDefinition, message: string, options?: { cause?: unknown; details?: Record<string, unknown> }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
+    this.name = new.target.name;
+    this.code = definition.code;
+    this.status = definition.status;
+    this.type = definition.type;
+    this.exit = definition.exit;
+    this.details = options?.details ? Object.freeze({ ...options.details }) : undefined;
+  }
+}
+
+export class ConfigError extends PhantomaError {}
+export class UsageError extends PhantomaError {}
+export class ModelError extends PhantomaError {}
+
+export function isPhantomaError(err: unknown): err is PhantomaError {
+  return err instanceof PhantomaError;
+}
