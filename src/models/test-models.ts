@@ -115,6 +115,9 @@ export function modelMetadata(spec: TestModelSpec): { metadata: GgufMetadataEntr
     meta.u32('tokenizer.ggml.padding_token_id', vocab.eos),
     meta.bool('tokenizer.ggml.add_bos_token', false),
     meta.bool('tokenizer.ggml.add_eos_token', false),
+    // Chat wrappers tokenize the template piece by piece; a space prefix would put "▁" after every
+    // <|im_start|>, which the template does not contain.
+    meta.bool('tokenizer.ggml.add_space_prefix', false),
     meta.str('tokenizer.chat_template', CHATML_TEMPLATE),
   ];
   return { metadata, vocabSize: vocab.tokens.length };
@@ -209,7 +212,7 @@ export function writeTestModel(spec: TestModelSpec, path: string, onProgress?: P
 
 /** Identifies a spec's content: a changed generator or spec gets a new file name, never a stale cache hit. */
 export function specDigest(spec: TestModelSpec): string {
-  return createHash('sha256').update(JSON.stringify(spec)).update('gguf-writer-v1').digest('hex').slice(0, 16);
+  return createHash('sha256').update(JSON.stringify(spec)).update('gguf-writer-v2').digest('hex').slice(0, 16);
 }
 
 interface CacheManifest {
