@@ -27,6 +27,26 @@ export const ERRORS = Object.freeze({
   MODEL_FILE_INVALID: def('model_file_invalid', 500, 'server_error', 3),
   MODEL_DIGEST_MISMATCH: def('model_digest_mismatch', 500, 'server_error', 3),
   MODEL_LOAD_FAILED: def('model_load_failed', 500, 'server_error', 3),
+  // requests (gateway)
+  INVALID_REQUEST: def('invalid_request', 400, 'invalid_request_error', 2),
+  INVALID_JSON: def('invalid_json', 400, 'invalid_request_error', 2),
+  UNSUPPORTED_MEDIA_TYPE: def('unsupported_media_type', 415, 'invalid_request_error', 2),
+  REQUEST_TOO_LARGE: def('request_too_large', 413, 'invalid_request_error', 2),
+  UNSUPPORTED_PARAMETER: def('unsupported_parameter', 400, 'invalid_request_error', 2),
+  CONTEXT_LENGTH_EXCEEDED: def('context_length_exceeded', 400, 'invalid_request_error', 2),
+  ROUTE_NOT_FOUND: def('not_found', 404, 'not_found_error', 2),
+  INVALID_API_KEY: def('invalid_api_key', 401, 'authentication_error', 4),
+  RATE_LIMITED: def('rate_limit_exceeded', 429, 'rate_limit_error', 4),
+  CONCURRENCY_LIMITED: def('concurrency_limit_exceeded', 429, 'rate_limit_error', 4),
+  QUEUE_FULL: def('queue_full', 503, 'server_error', 5),
+  NOT_READY: def('not_ready', 503, 'server_error', 5),
+  REQUEST_TIMEOUT: def('request_timeout', 504, 'server_error', 5),
+  WORKER_FAILED: def('worker_failed', 502, 'server_error', 5),
+  CLIENT_CLOSED: def('client_closed', 499, 'invalid_request_error', 5),
+  // API keys and TLS
+  API_KEY_NOT_FOUND: def('api_key_not_found', 404, 'not_found_error', 2),
+  STATE_FILE_INVALID: def('state_file_invalid', 500, 'server_error', 1),
+  TLS_SETUP_FAILED: def('tls_setup_failed', 500, 'server_error', 1),
   // generic
   INTERNAL: def('internal_error', 500, 'server_error', 1),
 });

@@ -5,7 +5,7 @@ import { cacheDirOf } from './main.ts';
 import { ERRORS, UsageError } from '../errors.ts';
 import { createLogger } from '../logger.ts';
 import { createModelRegistry } from '../models/registry.ts';
-import { createLlamaRuntime, loadModelFile, createContext, generateChat } from '../models/llama.ts';
+import { createLlamaRuntime, loadModelFile, createContext, prepareChatWrapper, generateChat } from '../models/llama.ts';
 import { createProgressBar } from './progress.ts';
 
 function intOption(v: string | boolean | undefined, name: string, fallback: number, min: number, max: number): number {
@@ -51,8 +51,10 @@ export const localChatCommand: Command = {
         ...(typeof values.system === 'string' ? [{ role: 'system' as const, content: values.system }] : []),
         { role: 'user' as const, content: prompt },
       ];
+      const chatWrapper = prepareChatWrapper(loaded.model);
       const started = performance.now();
       const result = await generateChat(context, messages, {
+        chatWrapper,
         maxTokens,
         seed,
         temperature,

@@ -47,8 +47,19 @@ export function validateConfig(input: unknown): { ok: true; config: Readonly<Con
       issues.push({ key: 'defaultModel', message: `"${config.defaultModel}" is not one of the configured models (${names.join(', ')})` });
     }
   }
+  if (issues.length === 0) {
+    const g = (withDefaults as Config).gateway;
+    if (g.tls === 'off' && !isLoopbackHost(g.host)) issues.push({ key: 'gateway.tls', message: `"off" (plain HTTP) is allowed only on a loopback host, not ${g.host}` });
+    if (g.auth === 'none' && !isLoopbackHost(g.host)) issues.push({ key: 'gateway.auth', message: `"none" is allowed only on a loopback host, not ${g.host}` });
+    if (g.tls === 'provided' && (!g.tlsCertPath || !g.tlsKeyPath)) issues.push({ key: 'gateway.tls', message: '"provided" needs gateway.tlsCertPath and gateway.tlsKeyPath' });
+    if (!isLoopbackHost(g.metricsHost)) issues.push({ key: 'gateway.metricsHost', message: `metrics are served on loopback only, not ${g.metricsHost}` });
+  }
   if (issues.length > 0) return { ok: false, issues };
   return { ok: true, config: deepFreeze(withDefaults as Config) };
+}
+
+export function isLoopbackHost(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
 }
 
 export function deepFreeze<T>(value: T): Readonly<T> {

@@ -35,6 +35,36 @@ export const ConfigSchema = Type.Object(
       description: 'models this node serves (JSON array on the command line)',
     }),
     defaultModel: Type.String({ default: 'tiny', description: 'model used when a command names none' }),
+    stateDir: Type.String({ minLength: 1, default: '.state', description: 'node state: API key hashes, TLS key and certificate (relative to the project root)' }),
+    gateway: Type.Object(
+      {
+        host: Type.String({ minLength: 1, default: '0.0.0.0', description: 'address the API listens on' }),
+        port: Type.Integer({ minimum: 0, maximum: 65535, default: 8443, description: 'API port (0 picks a free one)' }),
+        tls: Type.Union([Type.Literal('self-signed'), Type.Literal('provided'), Type.Literal('off')], {
+          default: 'self-signed',
+          description: 'self-signed: made on first start; provided: tlsCertPath/tlsKeyPath; off: plain HTTP, loopback only',
+        }),
+        tlsCertPath: Type.Optional(Type.String({ minLength: 1, description: 'PEM certificate when tls is provided' })),
+        tlsKeyPath: Type.Optional(Type.String({ minLength: 1, description: 'PEM private key when tls is provided' })),
+        auth: Type.Union([Type.Literal('api-keys'), Type.Literal('none')], { default: 'api-keys', description: 'none is allowed only on a loopback host' }),
+        bodyLimitBytes: Type.Integer({ minimum: 1024, maximum: 64 << 20, default: 1 << 20, description: 'largest request body accepted' }),
+        requestTimeoutMs: Type.Integer({ minimum: 100, maximum: 3_600_000, default: 120_000, description: 'a request running longer is ended with its worker' }),
+        maxQueue: Type.Integer({ minimum: 0, maximum: 10_000, default: 16, description: 'requests waiting for a worker before 503' }),
+        rateLimitPerMinute: Type.Integer({ minimum: 1, maximum: 1_000_000, default: 120, description: 'requests per minute per API key' }),
+        maxConcurrentPerKey: Type.Integer({ minimum: 1, maximum: 10_000, default: 4, description: 'requests in flight per API key' }),
+        metricsHost: Type.String({ minLength: 1, default: '127.0.0.1', description: 'metrics listener address' }),
+        metricsPort: Type.Integer({ minimum: 0, maximum: 65535, default: 9464, description: 'metrics port (0 picks a free one)' }),
+        shutdownGraceMs: Type.Integer({ minimum: 0, maximum: 600_000, default: 30_000, description: 'how long SIGTERM waits for requests in flight' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    pool: Type.Object(
+      {
+        size: Type.Integer({ minimum: 1, maximum: 64, default: 2, description: 'warm workers kept ready per model' }),
+        maxActive: Type.Integer({ minimum: 1, maximum: 64, default: 1, description: 'requests generating at once per model' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
     inference: Type.Object(
       {
         threads: Type.Integer({ minimum: 1, maximum: 256, default: 2, description: 'CPU threads per generation; never more than the cores' }),

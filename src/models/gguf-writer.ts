@@ -60,14 +60,18 @@ class ByteSink {
     this.#len += n;
     return at;
   }
+  // Reserve first, then read #buf: reserving may replace the buffer.
   u32(v: number): void {
-    this.#buf.writeUInt32LE(v, this.#reserve(4));
+    const at = this.#reserve(4);
+    this.#buf.writeUInt32LE(v, at);
   }
   u64(v: number | bigint): void {
-    this.#buf.writeBigUInt64LE(BigInt(v), this.#reserve(8));
+    const at = this.#reserve(8);
+    this.#buf.writeBigUInt64LE(BigInt(v), at);
   }
   bytes(b: Uint8Array): void {
-    this.#buf.set(b, this.#reserve(b.length));
+    const at = this.#reserve(b.length);
+    this.#buf.set(b, at);
   }
   string(s: string): void {
     const b = Buffer.from(s, 'utf8');

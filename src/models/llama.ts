@@ -1,10 +1,10 @@
 // The one module that imports node-llama-cpp. Everything else talks to these typed wrappers.
 // The prebuilt CPU binary is used as shipped: never built, never downloaded, no GPU probing.
-import { getLlama, LlamaChat, LlamaLogLevel, type Llama, type LlamaModel, type LlamaContext, type ChatHistoryItem } from 'node-llama-cpp';
+import { getLlama, LlamaChat, LlamaCompletion, LlamaLogLevel, resolveChatWrapper, type ChatWrapper, type Llama, type LlamaModel, type LlamaContext, type ChatHistoryItem } from 'node-llama-cpp';
 import type { Logger } from '../logger.ts';
 import { readGgufSummary, type GgufSummary } from './gguf-reader.ts';
 import { sha256File } from './test-models.ts';
-import { ModelError, ERRORS, isPhantomaError } from '../errors.ts';
+import { ModelError, PhantomaError, ERRORS, isPhantomaError } from '../errors.ts';
 
 export interface LlamaRuntime {
   readonly llama: Llama;
@@ -104,35 +104,86 @@ function toHistory(messages: readonly ChatMessage[]): ChatHistoryItem[] {
   return history;
 }
 
+function samplingOptions(opts: GenerateOptions, tokens: number[]) {
+  return {
+    maxTokens: opts.maxTokens,
+    ...(opts.temperature === undefined ? {} : { temperature: opts.temperature }),
+    ...(opts.topP === undefined ? {} : { topP: opts.topP }),
+    ...(opts.seed === undefined ? {} : { seed: opts.seed }),
+    ...(opts.stop && opts.stop.length > 0 ? { customStopTriggers: opts.stop } : {}),
+    ...(opts.signal ? { signal: opts.signal, stopOnAbortSignal: true } : {}),
+    ...(opts.onText ? { onTextChunk: opts.onText } : {}),
+    onToken: (t: readonly unknown[]) => {
+      const ids = t.map(Number);
+      for (const id of ids) tokens.push(id);
+      opts.onTokens?.(ids);
+    },
+  };
+}
+
+/** Refuses rather than silently dropping the start of a conversation to make room. */
+function assertFits(promptTokens: number, maxTokens: number, contextSize: number): void {
+  if (promptTokens + maxTokens > contextSize) {
+    throw new PhantomaError(ERRORS.CONTEXT_LENGTH_EXCEEDED, `the prompt (${promptTokens} tokens) plus max_tokens (${maxTokens}) exceed the context of ${contextSize} tokens`, {
+      details: { param: 'messages' },
+    });
+  }
+}
+
+function finishReasonOf(stopReason: string): FinishReason {
+  return stopReason === 'maxTokens' ? 'length' : stopReason === 'abort' ? 'abort' : 'stop';
+}
+
+/**
+ * Resolves the model's chat wrapper once. node-llama-cpp does this on every LlamaChat by default, which
+ * costs 300-450 ms here (it renders the Jinja template against its known formats): a worker does it while
+ * warming up, not while a client waits. Rendering a throwaway history also warms the template code path.
+ */
+export function prepareChatWrapper(model: LlamaModel): ChatWrapper {
+  const wrapper = resolveChatWrapper(model);
+  if (!wrapper) throw new ModelError(ERRORS.MODEL_LOAD_FAILED, 'the model has no usable chat template');
+  wrapper.generateContextState({ chatHistory: toHistory([{ role: 'user', content: 'warm-up' }]) }).contextText.tokenize(model.tokenizer);
+  return wrapper;
+}
+
 /** One chat completion on a fresh context sequence; the sequence is disposed afterwards. */
-export async function generateChat(context: LlamaContext, messages: readonly ChatMessage[], opts: GenerateOptions): Promise<GenerateResult> {
+export async function generateChat(context: LlamaContext, messages: readonly ChatMessage[], opts: GenerateOptions & { chatWrapper?: ChatWrapper }): Promise<GenerateResult> {
   const sequence = context.getSequence();
-  const chat = new LlamaChat({ contextSequence: sequence, autoDisposeSequence: true });
+  const chat = new LlamaChat({ contextSequence: sequence, autoDisposeSequence: true, ...(opts.chatWrapper ? { chatWrapper: opts.chatWrapper } : {}) });
   const tokens: number[] = [];
   try {
-    const res = await chat.generateResponse(toHistory(messages), {
-      maxTokens: opts.maxTokens,
-      ...(opts.temperature === undefined ? {} : { temperature: opts.temperature }),
-      ...(opts.topP === undefined ? {} : { topP: opts.topP }),
-      ...(opts.seed === undefined ? {} : { seed: opts.seed }),
-      ...(opts.stop && opts.stop.length > 0 ? { customStopTriggers: opts.stop } : {}),
-      ...(opts.signal ? { signal: opts.signal, stopOnAbortSignal: true } : {}),
-      onTextChunk: opts.onText,
-      onToken: (t) => {
-        for (const id of t) tokens.push(id);
-        opts.onTokens?.(t.map(Number));
-      },
-    });
-    const meter = sequence.tokenMeter;
-    const reason = res.metadata.stopReason;
+    const history = toHistory(messages);
+    const promptTokens = chat.chatWrapper.generateContextState({ chatHistory: history }).contextText.tokenize(context.model.tokenizer).length;
+    assertFits(promptTokens, opts.maxTokens, context.contextSize);
+    const res = await chat.generateResponse(history, samplingOptions(opts, tokens));
     return {
       text: res.response,
       tokens,
-      promptTokens: meter.usedInputTokens,
+      promptTokens: sequence.tokenMeter.usedInputTokens,
       completionTokens: tokens.length,
-      finishReason: reason === 'maxTokens' ? 'length' : reason === 'abort' ? 'abort' : 'stop',
+      finishReason: finishReasonOf(res.metadata.stopReason),
     };
   } finally {
     chat.dispose();
+  }
+}
+
+/** A raw text completion (no chat template), for /v1/completions. */
+export async function generateCompletion(context: LlamaContext, prompt: string, opts: GenerateOptions): Promise<GenerateResult> {
+  const sequence = context.getSequence();
+  const completion = new LlamaCompletion({ contextSequence: sequence, autoDisposeSequence: true });
+  const tokens: number[] = [];
+  try {
+    assertFits(context.model.tokenize(prompt).length, opts.maxTokens, context.contextSize);
+    const res = await completion.generateCompletionWithMeta(prompt, samplingOptions(opts, tokens));
+    return {
+      text: res.response,
+      tokens,
+      promptTokens: sequence.tokenMeter.usedInputTokens,
+      completionTokens: tokens.length,
+      finishReason: finishReasonOf(res.metadata.stopReason),
+    };
+  } finally {
+    completion.dispose();
   }
 }

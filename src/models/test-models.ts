@@ -212,7 +212,7 @@ export function writeTestModel(spec: TestModelSpec, path: string, onProgress?: P
 
 /** Identifies a spec's content: a changed generator or spec gets a new file name, never a stale cache hit. */
 export function specDigest(spec: TestModelSpec): string {
-  return createHash('sha256').update(JSON.stringify(spec)).update('gguf-writer-v2').digest('hex').slice(0, 16);
+  return createHash('sha256').update(JSON.stringify(spec)).update('gguf-writer-v3').digest('hex').slice(0, 16);
 }
 
 interface CacheManifest {

@@ -27,6 +27,9 @@ const bad: Array<[string, unknown, string, RegExp]> = [
   ['not an enum value', { logLevel: 'loud' }, 'logLevel', /got "loud"/],
   ['bad digest', { models: [{ name: 'm', path: '/x.gguf', sha256: 'abc' }], defaultModel: 'm' }, 'models.0', /got/],
   ['default model not configured', { defaultModel: 'nope' }, 'defaultModel', /"nope" is not one of the configured models \(tiny\)/],
+  ['plain HTTP off loopback', { gateway: { host: '0.0.0.0', tls: 'off' } }, 'gateway.tls', /allowed only on a loopback host, not 0\.0\.0\.0/],
+  ['no auth off loopback', { gateway: { host: '10.1.2.3', auth: 'none' } }, 'gateway.auth', /allowed only on a loopback host/],
+  ['metrics off loopback', { gateway: { metricsHost: '0.0.0.0' } }, 'gateway.metricsHost', /loopback only/],
   ['duplicate model names', { models: [{ name: 'a', builtin: 'tiny' }, { name: 'a', builtin: 'bench' }], defaultModel: 'a' }, 'models', /used twice/],
 ];
 
@@ -64,7 +67,9 @@ t.test('loadConfig reads a file, applies flags over it, and reports errors with 
 
 t.test('every leaf setting is a CLI flag', async (t) => {
   const flags = configFlags().map((f) => f.flag);
-  t.same(flags.sort(), ['--cacheDir', '--defaultModel', '--inference.batchSize', '--inference.contextSize', '--inference.threads', '--logLevel', '--models'].sort());
+  for (const f of ['--cacheDir', '--defaultModel', '--inference.batchSize', '--inference.contextSize', '--inference.threads', '--logLevel', '--models', '--gateway.port', '--gateway.tls', '--pool.size']) {
+    t.ok(flags.includes(f), `${f} is a flag`);
+  }
   t.same(overridesFromFlags({ models: '[{"name":"m","builtin":"tiny"}]', 'inference.threads': '1' }), { models: [{ name: 'm', builtin: 'tiny' }], inference: { threads: 1 } });
   t.throws(() => overridesFromFlags({ models: '[oops' }), { code: 'config_invalid' });
 });

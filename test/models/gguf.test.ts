@@ -29,6 +29,21 @@ t.test('layout: header fields, aligned tensor offsets', async (t) => {
   t.equal(layout.totalBytes, layout.header.length + 64);
 });
 
+t.test('a header far larger than the initial write buffer round-trips (large vocabularies)', async (t) => {
+  const words = Array.from({ length: 30_000 }, (_, i) => `w${i}`);
+  const layout = layoutGguf(
+    [meta.str('general.architecture', 'llama'), meta.arr('tokenizer.ggml.tokens', GgufValueType.STRING, words), meta.u32('after', 7)],
+    [{ name: 'x', dims: [4], type: GgmlType.F32 }],
+  );
+  t.ok(layout.header.length > 300_000, `header is ${layout.header.length} bytes`);
+  const p = join(tmp, 'big-header.gguf');
+  writeFileSync(p, Buffer.concat([layout.header, Buffer.alloc(layout.totalBytes - layout.header.length)]));
+  const s = readGgufSummary(p);
+  t.same(s.metadata.get('tokenizer.ggml.tokens'), { arrayLength: 30_000, itemType: GgufValueType.STRING });
+  t.equal(s.metadata.get('after'), 7, 'the value after the big array is intact');
+  t.same(s.tensors[0], { name: 'x', dims: [4], type: GgmlType.F32, offset: 0 });
+});
+
 const tinyPath = join(tmp, 'tiny.gguf');
 const tiny = writeTestModel(TEST_MODELS.tiny!, tinyPath);
 

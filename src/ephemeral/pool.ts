@@ -1,0 +1,306 @@
+// The pool of warm one-shot workers for one model. Each worker loads the model and its context before a
+// request exists, serves exactly one job, and is gone; the pool refills in the background. Requests wait
+// in a bounded queue when every worker is busy; past the bound they are refused, never held unboundedly.
+import type { Logger } from '../logger.ts';
+import { PhantomaError, ERRORS } from '../errors.ts';
+import type { WorkerBackend, WorkerHandle } from './backend.ts';
+import type { WorkerSpec } from './worker-main.ts';
+import { createLineDecoder, encodeMessage, type FromWorker, type JobMessage, type Usage } from './worker-protocol.ts';
+
+export type WorkerState = 'starting' | 'ready' | 'busy';
+
+export interface PoolObserver {
+  workerStarted?(model: string, ms: number): void;
+  workerStartFailed?(model: string, code: string): void;
+  workerEnded?(model: string, outcome: JobOutcome): void;
+}
+
+export type JobOutcome = 'ok' | 'refused' | 'timeout' | 'client_closed' | 'worker_failed' | 'unused';
+
+/** A worker's error: the client's own mistakes pass through with their code, anything else is worker_failed. */
+function workerError(code: string, message: string): PhantomaError {
+  if (code === ERRORS.CONTEXT_LENGTH_EXCEEDED.code) return new PhantomaError(ERRORS.CONTEXT_LENGTH_EXCEEDED, message, { details: { param: 'messages' } });
+  return new PhantomaError(ERRORS.WORKER_FAILED, `the worker failed (${code})`, { details: { workerCode: code } });
+}
+
+export interface PoolOptions {
+  backend: WorkerBackend;
+  spec: WorkerSpec;
+  /** Warm workers kept ready. */
+  size: number;
+  /** Jobs running at once; more wait in the queue. */
+  maxActive: number;
+  maxQueue: number;
+  logger: Logger;
+  observer?: PoolObserver;
+  /** How long a finished worker may take to exit by itself before it is killed. */
+  exitGraceMs?: number;
+}
+
+export interface JobResult {
+  finishReason: 'stop' | 'length' | 'abort';
+  usage: Usage;
+  firstTokenMs: number | null;
+  generateMs: number;
+}
+
+export interface RunOptions {
+  onChunk(text: string): void;
+  /** Aborted when the client goes away: the worker is killed at once. */
+  signal?: AbortSignal;
+  timeoutMs: number;
+}
+
+export interface Lease {
+  readonly workerId: string;
+  readonly pid: number | undefined;
+  /** Runs the one job this worker will ever serve. Ends the worker whatever happens. */
+  run(job: JobMessage, opts: RunOptions): Promise<JobResult>;
+  /** Ends the worker without running a job (e.g. validation failed after acquiring). */
+  release(): Promise<void>;
+}
+
+export interface PoolStats {
+  starting: number;
+  ready: number;
+  busy: number;
+  queued: number;
+}
+
+export interface WorkerPool {
+  readonly model: string;
+  start(): void;
+  acquire(signal?: AbortSignal): Promise<Lease>;
+  stats(): PoolStats;
+  /** Why the pool cannot serve right now, or undefined when it can. */
+  notReadyReason(): string | undefined;
+  /** Pids of every live worker (tests and diagnostics). */
+  pids(): number[];
+  close(): Promise<void>;
+}
+
+interface LiveWorker {
+  handle: WorkerHandle;
+  state: WorkerState;
+  ready?: Extract<FromWorker, { type: 'ready' }>;
+  onMessage?: (m: FromWorker) => void;
+  protocolError?: string;
+}
+
+interface Waiter {
+  resolve(lease: Lease): void;
+  reject(err: unknown): void;
+}
+
+export function createWorkerPool(opts: PoolOptions): WorkerPool {
+  const log = opts.logger.child({ component: 'pool', model: opts.spec.modelName });
+  const workers = new Map<string, LiveWorker>();
+  const queue: Waiter[] = [];
+  let active = 0;
+  let closed = false;
+  let started = false;
+  let consecutiveFailures = 0;
+  let lastStartError: string | undefined;
+  let backoffTimer: NodeJS.Timeout | undefined;
+  const exitGraceMs = opts.exitGraceMs ?? 2000;
+
+  function count(state: WorkerState): number {
+    let n = 0;
+    for (const w of workers.values()) if (w.state === state) n++;
+    return n;
+  }
+
+  function spawnOne(): void {
+    const spawnedAt = performance.now();
+    const handle = opts.backend.spawn(opts.spec, { lowPriority: started && workers.size > 0 });
+    const w: LiveWorker = { handle, state: 'starting' };
+    workers.set(handle.id, w);
+    let startError: string | undefined;
+    const decode = createLineDecoder<FromWorker>((m) => {
+      if (w.state === 'starting') {
+        if (m.type === 'ready') {
+          w.ready = m;
+          w.state = 'ready';
+          consecutiveFailures = 0;
+          lastStartError = undefined;
+          opts.observer?.workerStarted?.(opts.spec.modelName, performance.now() - spawnedAt);
+          log.debug({ workerId: handle.id, pid: handle.pid, loadMs: m.loadMs }, 'worker ready');
+          dispatch();
+        } else if (m.type === 'error') {
+          startError = m.code;
+        }
+        return;
+      }
+      w.onMessage?.(m);
+    });
+    handle.stdout.on('data', (chunk: Buffer) => {
+      try {
+        decode(chunk);
+      } catch (err) {
+        w.protocolError = (err as Error).message;
+        void handle.kill();
+      }
+    });
+    // The worker's stderr carries its own structured log (no content); drained so it never blocks.
+    handle.stderr.resume();
+    void handle.exited.then((exit) => {
+      const wasStarting = w.state === 'starting';
+      workers.delete(handle.id);
+      if (wasStarting && !closed) {
+        consecutiveFailures++;
+        lastStartError = startError ?? `exit code ${String(exit.code)}, signal ${String(exit.signal)}`;
+        opts.observer?.workerStartFailed?.(opts.spec.modelName, startError ?? 'worker_failed');
+        log.warn({ workerId: handle.id, code: startError, exitCode: exit.code, signal: exit.signal, failures: consecutiveFailures }, 'worker failed to start');
+        // A model that cannot load must not become a spawn loop: back off exponentially up to 30 s.
+        const delay = Math.min(30_000, 250 * 2 ** Math.min(consecutiveFailures - 1, 7));
+        clearTimeout(backoffTimer);
+        backoffTimer = setTimeout(() => {
+          backoffTimer = undefined;
+          refill();
+        }, delay);
+        backoffTimer.unref();
+        // Waiters cannot be served while no worker can start.
+        if (count('ready') === 0 && count('starting') === 0) {
+          for (const q of queue.splice(0)) q.reject(new PhantomaError(ERRORS.NOT_READY, `no worker could start for model "${opts.spec.modelName}": ${lastStartError}`));
+        }
+        return;
+      }
+      refill();
+    });
+  }
+
+  function refill(): void {
+    if (closed || backoffTimer) return;
+    while (count('starting') + count('ready') < opts.size) spawnOne();
+  }
+
+  function makeLease(w: LiveWorker): Lease {
+    let ended: Promise<void> | undefined;
+    const end = (outcome: JobOutcome, immediately: boolean): Promise<void> => {
+      ended ??= (async () => {
+        if (!immediately) {
+          const graceful = await Promise.race([w.handle.exited.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), exitGraceMs).unref())]);
+          if (!graceful) log.warn({ workerId: w.handle.id }, 'worker did not exit after its job; killing it');
+        }
+        await w.handle.kill();
+        active--;
+        opts.observer?.workerEnded?.(opts.spec.modelName, outcome);
+        dispatch();
+        refill();
+      })();
+      return ended;
+    };
+    return {
+      workerId: w.handle.id,
+      pid: w.handle.pid,
+      release: () => end('unused', true),
+      run(job, run) {
+        return new Promise<JobResult>((resolve, reject) => {
+          let settled = false;
+          const finish = (outcome: JobOutcome, err: unknown, result?: JobResult): void => {
+            if (settled) return;
+            settled = true;
+            clearTimeout(timer);
+            run.signal?.removeEventListener('abort', onAbort);
+            w.onMessage = undefined;
+            const ending = end(outcome, outcome !== 'ok');
+            // Resolve only once the worker is gone: "answered" implies "ended".
+            void ending.then(() => (err ? reject(err) : resolve(result!)));
+          };
+          const onAbort = (): void => finish('client_closed', new PhantomaError(ERRORS.CLIENT_CLOSED, 'the client closed the connection'));
+          const timer = setTimeout(
+            () => finish('timeout', new PhantomaError(ERRORS.REQUEST_TIMEOUT, `the request took longer than ${run.timeoutMs} ms; its worker was ended`)),
+            run.timeoutMs,
+          );
+          if (run.signal?.aborted) return onAbort();
+          run.signal?.addEventListener('abort', onAbort, { once: true });
+          w.onMessage = (m) => {
+            if (m.type === 'chunk') run.onChunk(m.text);
+            else if (m.type === 'done') finish('ok', undefined, { finishReason: m.finishReason, usage: m.usage, firstTokenMs: m.firstTokenMs, generateMs: m.generateMs });
+            else if (m.type === 'error') finish(m.code === ERRORS.CONTEXT_LENGTH_EXCEEDED.code ? 'refused' : 'worker_failed', workerError(m.code, m.message));
+          };
+          void w.handle.exited.then((exit) => {
+            finish('worker_failed', new PhantomaError(ERRORS.WORKER_FAILED, 'the worker ended before finishing the request', {
+              details: { exitCode: exit.code, signal: exit.signal, ...(w.protocolError ? { protocol: w.protocolError } : {}) },
+            }));
+          });
+          w.handle.stdin.write(encodeMessage(job));
+        });
+      },
+    };
+  }
+
+  function takeReady(): Lease | undefined {
+    if (active >= opts.maxActive) return undefined;
+    for (const w of workers.values()) {
+      if (w.state === 'ready') {
+        w.state = 'busy';
+        active++;
+        return makeLease(w);
+      }
+    }
+    return undefined;
+  }
+
+  function dispatch(): void {
+    while (queue.length > 0) {
+      const lease = takeReady();
+      if (!lease) break;
+      queue.shift()!.resolve(lease);
+    }
+  }
+
+  return {
+    model: opts.spec.modelName,
+    start() {
+      started = false;
+      refill();
+      started = true;
+    },
+    acquire(signal) {
+      if (closed) return Promise.reject(new PhantomaError(ERRORS.NOT_READY, 'the node is shutting down'));
+      const lease = queue.length === 0 ? takeReady() : undefined;
+      if (lease) {
+        refill();
+        return Promise.resolve(lease);
+      }
+      if (count('ready') === 0 && count('starting') === 0 && lastStartError !== undefined) {
+        return Promise.reject(new PhantomaError(ERRORS.NOT_READY, `no worker could start for model "${opts.spec.modelName}": ${lastStartError}`));
+      }
+      if (queue.length >= opts.maxQueue) {
+        return Promise.reject(new PhantomaError(ERRORS.QUEUE_FULL, `all workers are busy and ${queue.length} requests are waiting`));
+      }
+      return new Promise<Lease>((resolve, reject) => {
+        const waiter: Waiter = {
+          resolve: (l) => {
+            signal?.removeEventListener('abort', onAbort);
+            refill();
+            resolve(l);
+          },
+          reject,
+        };
+        const onAbort = (): void => {
+          const i = queue.indexOf(waiter);
+          if (i !== -1) queue.splice(i, 1);
+          reject(new PhantomaError(ERRORS.CLIENT_CLOSED, 'the client closed the connection while queued'));
+        };
+        signal?.addEventListener('abort', onAbort, { once: true });
+        queue.push(waiter);
+      });
+    },
+    stats: () => ({ starting: count('starting'), ready: count('ready'), busy: count('busy'), queued: queue.length }),
+    notReadyReason() {
+      if (closed) return 'shutting down';
+      if (count('ready') > 0 || active > 0) return undefined;
+      if (lastStartError) return `model ${opts.spec.modelName}: no worker could start (${lastStartError})`;
+      return `model ${opts.spec.modelName}: no warm worker yet (${count('starting')} starting)`;
+    },
+    pids: () => [...workers.values()].map((w) => w.handle.pid).filter((p): p is number => p !== undefined),
+    async close() {
+      closed = true;
+      clearTimeout(backoffTimer);
+      for (const q of queue.splice(0)) q.reject(new PhantomaError(ERRORS.NOT_READY, 'the node is shutting down'));
+      await Promise.all([...workers.values()].map((w) => w.handle.kill()));
+    },
+  };
+}

@@ -1,0 +1,51 @@
+// Workers as plain child processes of the gateway, with a scrubbed environment. The warden backend
+// (issue 5) adds the isolation; this one is the same lifecycle without privilege.
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { setPriority } from 'node:os';
+import { fileURLToPath } from 'node:url';
+import type { WorkerBackend, WorkerHandle, WorkerExit } from './backend.ts';
+
+const WORKER_MAIN = fileURLToPath(new URL('./worker-main.ts', import.meta.url));
+
+export function createProcessBackend(deps: { nodePath?: string; cwd: string }): WorkerBackend {
+  return {
+    name: 'process',
+    spawn(spec, opts): WorkerHandle {
+      const id = randomBytes(8).toString('hex');
+      const child = spawn(deps.nodePath ?? process.execPath, ['--disable-warning=ExperimentalWarning', WORKER_MAIN, JSON.stringify(spec)], {
+        cwd: deps.cwd,
+        stdio: ['pipe', 'pipe', 'pipe'],
+        // Only what the worker needs: no credentials, proxies or tokens from the gateway's environment.
+        env: { PATH: '/usr/bin:/bin', NODE_LLAMA_CPP_SKIP_DOWNLOAD: 'true', LANG: 'C.UTF-8' },
+      });
+      const exited = new Promise<WorkerExit>((resolve) => {
+        // 'close', not 'exit': it fires after the worker's stdout is drained, so a final message is never lost.
+        child.once('close', (code, signal) => resolve({ code, signal }));
+        child.once('error', () => resolve({ code: null, signal: null }));
+      });
+      if (opts.lowPriority && child.pid) {
+        try {
+          // A refill competes with decoding on a small machine; let the active request win.
+          setPriority(child.pid, 10);
+        } catch {
+          /* exited already */
+        }
+      }
+      // An unread pipe would block the worker; stdin errors (EPIPE after exit) are expected.
+      child.stdin.on('error', () => undefined);
+      return {
+        id,
+        pid: child.pid,
+        stdin: child.stdin,
+        stdout: child.stdout,
+        stderr: child.stderr,
+        exited,
+        async kill() {
+          if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+          return exited;
+        },
+      };
+    },
+  };
+}

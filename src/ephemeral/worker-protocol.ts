@@ -1,0 +1,67 @@
+// The one message protocol between the gateway and a one-shot worker, imported by both sides.
+// Newline-delimited JSON over the worker's inherited stdin (to the worker) and stdout (from it): no
+// TCP, no ports. Each side bounds line length, and any line that does not parse is a protocol error that
+// ends the worker. Messages carry ids, counts and generated text — the worker's stdout goes only to the
+// gateway, which never logs it.
+
+export const MAX_MESSAGE_BYTES = 8 * 1024 * 1024;
+
+export interface SamplingParams {
+  maxTokens: number;
+  temperature?: number;
+  topP?: number;
+  seed?: number;
+  stop?: string[];
+}
+
+export type JobMessage =
+  | { type: 'job'; kind: 'chat'; requestId: string; messages: Array<{ role: 'system' | 'user' | 'assistant'; content: string }>; params: SamplingParams }
+  | { type: 'job'; kind: 'completion'; requestId: string; prompt: string; params: SamplingParams };
+
+export type ToWorker = JobMessage | { type: 'cancel' };
+
+export interface Usage {
+  promptTokens: number;
+  completionTokens: number;
+}
+
+export type FromWorker =
+  | { type: 'ready'; pid: number; model: string; contextSize: number; loadMs: number }
+  | { type: 'chunk'; text: string }
+  | { type: 'done'; finishReason: 'stop' | 'length' | 'abort'; usage: Usage; firstTokenMs: number | null; generateMs: number }
+  | { type: 'error'; code: string; message: string };
+
+export function encodeMessage(m: ToWorker | FromWorker): string {
+  return JSON.stringify(m) + '\n';
+}
+
+/** Splits a byte stream into messages; throws on an oversized or malformed line. */
+export function createLineDecoder<T>(onMessage: (m: T) => void, maxBytes = MAX_MESSAGE_BYTES): (chunk: Buffer) => void {
+  let pending: Buffer[] = [];
+  let pendingBytes = 0;
+  return (chunk) => {
+    let start = 0;
+    for (let nl = chunk.indexOf(10, start); nl !== -1; nl = chunk.indexOf(10, start)) {
+      pending.push(chunk.subarray(start, nl));
+      const line = Buffer.concat(pending).toString('utf8');
+      pending = [];
+      pendingBytes = 0;
+      start = nl + 1;
+      let parsed: unknown;
+      try {
+        parsed = JSON.parse(line);
+      } catch {
+        throw new Error('worker protocol: a line is not JSON');
+      }
+      if (typeof parsed !== 'object' || parsed === null || typeof (parsed as { type?: unknown }).type !== 'string') {
+        throw new Error('worker protocol: a message has no type');
+      }
+      onMessage(parsed as T);
+    }
+    if (start < chunk.length) {
+      pendingBytes += chunk.length - start;
+      if (pendingBytes > maxBytes) throw new Error('worker protocol: message too large');
+      pending.push(chunk.subarray(start));
+    }
+  };
+}

@@ -1,0 +1,270 @@
+// buildGateway(deps): the fastify app for the OpenAI-compatible API, and a separate metrics app. Neither
+// listens here; the composition root (src/main.ts) and tests decide where. Every route validates its
+// body by schema; every error leaves in OpenAI's shape with a stable code; no log line carries content.
+import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyError } from 'fastify';
+import rateLimit from '@fastify/rate-limit';
+import { randomBytes } from 'node:crypto';
+import type { Logger } from '../logger.ts';
+import type { Config } from '../config/schema.ts';
+import { PhantomaError, ERRORS, isPhantomaError } from '../errors.ts';
+import type { WorkerPool, JobResult } from '../ephemeral/pool.ts';
+import type { JobMessage } from '../ephemeral/worker-protocol.ts';
+import type { ApiKeyStore } from './api-keys.ts';
+import type { GatewayMetrics } from './metrics.ts';
+import {
+  ChatCompletionRequest,
+  CompletionRequest,
+  chatJob,
+  completionJob,
+  newCompletionId,
+  usageObject,
+  finishReason,
+  errorBody,
+} from './openai.ts';
+
+export interface ServedModel {
+  name: string;
+  contextLength: number;
+  pool: WorkerPool;
+}
+
+export interface GatewayDeps {
+  config: Readonly<Config['gateway']>;
+  models: readonly ServedModel[];
+  apiKeys: ApiKeyStore | undefined;
+  logger: Logger;
+  metrics: GatewayMetrics;
+  tls?: { key: string; cert: string };
+  clock?: () => number;
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    apiKeyId?: string;
+    logFields?: Record<string, unknown>;
+  }
+}
+
+const RETRY_AFTER_SECONDS: Partial<Record<string, number>> = {
+  [ERRORS.QUEUE_FULL.code]: 2,
+  [ERRORS.NOT_READY.code]: 5,
+  [ERRORS.CONCURRENCY_LIMITED.code]: 1,
+};
+
+/** Maps anything thrown in a route to one of our coded errors. */
+export function toPhantomaError(err: unknown): PhantomaError {
+  if (isPhantomaError(err)) return err;
+  const e = err as FastifyError & { validation?: Array<{ instancePath?: string; message?: string; params?: Record<string, unknown> }> };
+  if (e?.validation) {
+    const first = e.validation[0];
+    const extra = first?.params?.additionalProperty;
+    const path = (first?.instancePath ?? '').replace(/^\//, '').replaceAll('/', '.');
+    const param = typeof extra === 'string' ? (path ? `${path}.${extra}` : extra) : path || null;
+    const why = typeof extra === 'string' ? `unrecognized parameter "${extra}"` : `${path || 'body'} ${first?.message ?? 'is invalid'}`;
+    return new PhantomaError(ERRORS.INVALID_REQUEST, `invalid request: ${why}`, { details: { param } });
+  }
+  switch (e?.code) {
+    case 'FST_ERR_CTP_BODY_TOO_LARGE':
+      return new PhantomaError(ERRORS.REQUEST_TOO_LARGE, 'the request body is too large');
+    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
+      return new PhantomaError(ERRORS.UNSUPPORTED_MEDIA_TYPE, 'the request body must be application/json');
+    case 'FST_ERR_CTP_EMPTY_JSON_BODY':
+    case 'FST_ERR_CTP_INVALID_JSON_BODY':
+      return new PhantomaError(ERRORS.INVALID_JSON, 'the request body is not valid JSON');
+  }
+  if (err instanceof SyntaxError || e?.statusCode === 400) return new PhantomaError(ERRORS.INVALID_JSON, 'the request body is not valid JSON');
+  if (typeof e?.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500) {
+    return new PhantomaError(ERRORS.INVALID_REQUEST, `invalid request (${e.code ?? e.statusCode})`);
+  }
+  return new PhantomaError(ERRORS.INTERNAL, 'internal error', { cause: err });
+}
+
+export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyInstance; metricsApp: FastifyInstance }> {
+  // (FastifyInstance is typed with the base logger: pino's Logger is a superset of it.)
+  const { config, logger, metrics } = deps;
+  const now = deps.clock ?? Date.now;
+  const modelsByName = new Map(deps.models.map((m) => [m.name, m]));
+  const inFlightByKey = new Map<string, number>();
+
+  const app = Fastify({
+    loggerInstance: logger.child({ component: 'gateway' }),
+    // Our own one line per request (onResponse) carries ids, sizes and durations only.
+    logController: new LogController({ disableRequestLogging: true }),
+    bodyLimit: config.bodyLimitBytes,
+    requestIdHeader: false,
+    genReqId: () => randomBytes(8).toString('hex'),
+    return503OnClosing: true,
+    ...(deps.tls ? { https: { key: deps.tls.key, cert: deps.tls.cert, minVersion: 'TLSv1.2' as const } } : {}),
+  });
+
+  app.setErrorHandler((err, request, reply) => {
+    const e = toPhantomaError(err);
+    metrics.errors.inc({ code: e.code });
+    request.logFields = { ...request.logFields, code: e.code };
+    if (e.status >= 500 && e.code !== ERRORS.QUEUE_FULL.code && e.code !== ERRORS.NOT_READY.code) {
+      request.log.error({ code: e.code, err: e.cause instanceof Error ? { type: e.cause.name, stack: e.cause.stack } : undefined }, 'request failed');
+    }
+    const retry = RETRY_AFTER_SECONDS[e.code];
+    if (retry !== undefined) void reply.header('retry-after', String(retry));
+    if (reply.sent || reply.raw.headersSent) return;
+    void reply.code(e.status).send(errorBody(e));
+  });
+  app.setNotFoundHandler((request, reply) => {
+    metrics.errors.inc({ code: ERRORS.ROUTE_NOT_FOUND.code });
+    void reply.code(404).send(errorBody(new PhantomaError(ERRORS.ROUTE_NOT_FOUND, `no route ${request.method} ${request.routeOptions.url ?? 'for this path'}`)));
+  });
+
+  app.addHook('onResponse', async (request, reply) => {
+    const route = request.routeOptions.url ?? 'unmatched';
+    metrics.requests.inc({ route, status: String(reply.statusCode) });
+    request.log.info({ method: request.method, route, status: reply.statusCode, ms: Math.round(reply.elapsedTime), ...request.logFields }, 'request');
+  });
+
+  // Authentication: every /v1 route needs a valid, unrevoked API key unless auth is explicitly off.
+  app.addHook('onRequest', async (request) => {
+    if (!request.url.startsWith('/v1/') || config.auth === 'none') return;
+    const header = request.headers.authorization;
+    const presented = header?.startsWith('Bearer ') ? header.slice(7).trim() : undefined;
+    const rec = presented ? deps.apiKeys?.verify(presented) : undefined;
+    if (!rec) throw new PhantomaError(ERRORS.INVALID_API_KEY, presented ? 'the API key is invalid or revoked' : 'missing API key: send Authorization: Bearer <key>');
+    request.apiKeyId = rec.id;
+    request.logFields = { keyId: rec.id };
+  });
+
+  await app.register(rateLimit, {
+    global: true,
+    hook: 'preHandler',
+    max: config.rateLimitPerMinute,
+    timeWindow: 60_000,
+    keyGenerator: (request) => request.apiKeyId ?? request.ip,
+    allowList: (request) => !request.url.startsWith('/v1/'),
+    errorResponseBuilder: (_request, ctx) =>
+      new PhantomaError(ERRORS.RATE_LIMITED, `rate limit of ${ctx.max} requests per minute exceeded; retry in ${ctx.after}`),
+  });
+
+  app.get('/healthz', async () => ({ status: 'ok' }));
+  app.get('/readyz', async (_request, reply) => {
+    const reasons = deps.models.map((m) => m.pool.notReadyReason()).filter((r): r is string => r !== undefined);
+    if (reasons.length > 0) return reply.code(503).send({ ready: false, reasons });
+    return { ready: true };
+  });
+
+  app.get('/v1/models', async () => ({
+    object: 'list',
+    data: deps.models.map((m) => ({ id: m.name, object: 'model', created: 0, owned_by: 'phantoma', context_length: m.contextLength })),
+  }));
+
+  function modelFor(name: string): ServedModel {
+    const m = modelsByName.get(name);
+    if (!m) throw new PhantomaError(ERRORS.MODEL_NOT_FOUND, `the model "${name.slice(0, 64)}" does not exist on this node`, { details: { param: 'model' } });
+    return m;
+  }
+
+  /** Holds one of the key's concurrency slots for the life of the response. */
+  function takeConcurrencySlot(request: FastifyRequest, reply: FastifyReply): void {
+    const key = request.apiKeyId ?? 'anonymous';
+    const n = inFlightByKey.get(key) ?? 0;
+    if (n >= config.maxConcurrentPerKey) {
+      throw new PhantomaError(ERRORS.CONCURRENCY_LIMITED, `this key already has ${n} requests in flight (limit ${config.maxConcurrentPerKey})`);
+    }
+    inFlightByKey.set(key, n + 1);
+    reply.raw.once('close', () => {
+      const left = (inFlightByKey.get(key) ?? 1) - 1;
+      if (left <= 0) inFlightByKey.delete(key);
+      else inFlightByKey.set(key, left);
+    });
+  }
+
+  /** Aborts when the client goes away before the response is complete. */
+  function disconnectSignal(reply: FastifyReply): AbortSignal {
+    const ac = new AbortController();
+    reply.raw.once('close', () => {
+      if (!reply.raw.writableFinished) ac.abort();
+    });
+    return ac.signal;
+  }
+
+  function observe(model: string, r: JobResult): void {
+    if (r.firstTokenMs !== null) metrics.timeToFirstToken.observe({ model }, r.firstTokenMs / 1000);
+    const decodeSeconds = (r.generateMs - (r.firstTokenMs ?? 0)) / 1000;
+    if (r.usage.completionTokens > 1 && decodeSeconds > 0) metrics.tokensPerSecond.observe({ model }, (r.usage.completionTokens - 1) / decodeSeconds);
+  }
+
+  type Shape = 'chat' | 'completion';
+
+  async function serve(request: FastifyRequest, reply: FastifyReply, shape: Shape, body: ChatCompletionRequest | CompletionRequest): Promise<unknown> {
+    const served = modelFor(body.model);
+    const job: JobMessage =
+      shape === 'chat' ? chatJob(body as ChatCompletionRequest, request.id, served.contextLength) : completionJob(body as CompletionRequest, request.id, served.contextLength);
+    takeConcurrencySlot(request, reply);
+    const signal = disconnectSignal(reply);
+    const lease = await served.pool.acquire(signal);
+    request.logFields = { ...request.logFields, model: served.name, workerId: lease.workerId };
+    const id = newCompletionId(shape === 'chat' ? 'chatcmpl' : 'cmpl');
+    const created = Math.floor(now() / 1000);
+    const base = { id, object: shape === 'chat' ? 'chat.completion.chunk' : 'text_completion', created, model: served.name };
+    const timeoutMs = config.requestTimeoutMs;
+
+    if (!body.stream) {
+      const parts: string[] = [];
+      const result = await lease.run(job, { onChunk: (t) => parts.push(t), signal, timeoutMs });
+      observe(served.name, result);
+      request.logFields = { ...request.logFields, promptTokens: result.usage.promptTokens, completionTokens: result.usage.completionTokens };
+      const text = parts.join('');
+      parts.length = 0;
+      const usage = usageObject(result.usage);
+      const fr = finishReason(result.finishReason);
+      return shape === 'chat'
+        ? { id, object: 'chat.completion', created, model: served.name, choices: [{ index: 0, message: { role: 'assistant', content: text, refusal: null }, logprobs: null, finish_reason: fr }], usage }
+        : { id, object: 'text_completion', created, model: served.name, choices: [{ index: 0, text, logprobs: null, finish_reason: fr }], usage };
+    }
+
+    // Streaming: from here the response is ours to write as Server-Sent Events.
+    reply.hijack();
+    const raw = reply.raw;
+    raw.writeHead(200, {
+      'content-type': 'text/event-stream; charset=utf-8',
+      'cache-control': 'no-cache',
+      connection: 'keep-alive',
+      'x-request-id': request.id,
+    });
+    const event = (data: unknown): void => {
+      if (!raw.writableEnded && !raw.destroyed) raw.write(`data: ${JSON.stringify(data)}\n\n`);
+    };
+    const delta = (text: string | undefined, fr: string | null, first = false): unknown =>
+      shape === 'chat'
+        ? { ...base, choices: [{ index: 0, delta: first ? { role: 'assistant', content: '' } : text === undefined ? {} : { content: text }, logprobs: null, finish_reason: fr }] }
+        : { ...base, choices: [{ index: 0, text: text ?? '', logprobs: null, finish_reason: fr }] };
+    if (shape === 'chat') event(delta(undefined, null, true));
+    let status = 200;
+    try {
+      const result = await lease.run(job, { onChunk: (t) => t !== '' && event(delta(t, null)), signal, timeoutMs });
+      observe(served.name, result);
+      request.logFields = { ...request.logFields, promptTokens: result.usage.promptTokens, completionTokens: result.usage.completionTokens };
+      event(delta(undefined, finishReason(result.finishReason)));
+      if (body.stream_options?.include_usage) event({ ...base, choices: [], usage: usageObject(result.usage) });
+    } catch (err) {
+      const e = toPhantomaError(err);
+      status = e.status;
+      metrics.errors.inc({ code: e.code });
+      request.logFields = { ...request.logFields, code: e.code };
+      // Headers are gone; OpenAI's streams carry a late error as an event with the same shape.
+      event(errorBody(e));
+    }
+    if (!raw.writableEnded && !raw.destroyed) raw.end('data: [DONE]\n\n');
+    // onResponse still runs for this hijacked reply; it logs the HTTP status (200), this the outcome.
+    request.logFields = { ...request.logFields, stream: true, outcomeStatus: status };
+    return reply;
+  }
+
+  app.post('/v1/chat/completions', { schema: { body: ChatCompletionRequest } }, (request, reply) => serve(request, reply, 'chat', request.body as ChatCompletionRequest));
+  app.post('/v1/completions', { schema: { body: CompletionRequest } }, (request, reply) => serve(request, reply, 'completion', request.body as CompletionRequest));
+
+  const metricsApp = Fastify({ logger: false });
+  metricsApp.get('/metrics', async (_request, reply) => {
+    void reply.header('content-type', metrics.registry.contentType);
+    return metrics.registry.metrics();
+  });
+
+  return { app: app as unknown as FastifyInstance, metricsApp };
+}

@@ -1,0 +1,114 @@
+// The composition root: reads nothing itself, builds every part from a validated config and wires them.
+// `phantoma serve` calls startNode; tests call it too, on port 0.
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Config } from './config/schema.ts';
+import type { Logger } from './logger.ts';
+import { resolveFromRoot } from './paths.ts';
+import { createModelRegistry } from './models/registry.ts';
+import { readGgufSummary } from './models/gguf-reader.ts';
+import { createProcessBackend } from './ephemeral/process-backend.ts';
+import type { WorkerBackend } from './ephemeral/backend.ts';
+import { createWorkerPool } from './ephemeral/pool.ts';
+import { createGatewayMetrics } from './gateway/metrics.ts';
+import { createApiKeyStore, type ApiKeyStore } from './gateway/api-keys.ts';
+import { ensureSelfSignedTls, loadProvidedTls, type TlsMaterial } from './gateway/tls.ts';
+import { buildGateway, type ServedModel } from './gateway/app.ts';
+
+export interface RunningNode {
+  url: string;
+  metricsUrl: string;
+  tls: TlsMaterial | undefined;
+  models: readonly ServedModel[];
+  apiKeys: ApiKeyStore | undefined;
+  /** Stops accepting, lets requests in flight finish (bounded by shutdownGraceMs), then ends every worker. */
+  close(): Promise<void>;
+}
+
+export interface NodeDeps {
+  logger: Logger;
+  /** Defaults to plain child processes; the warden backend replaces it (issue 5). */
+  backend?: WorkerBackend;
+}
+
+function hostForUrl(host: string): string {
+  return host.includes(':') ? `[${host}]` : host === '0.0.0.0' ? '127.0.0.1' : host;
+}
+
+export function apiKeyStorePath(config: Readonly<Config>): string {
+  return join(resolveFromRoot(config.stateDir), 'api-keys.json');
+}
+
+export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promise<RunningNode> {
+  const log = deps.logger;
+  const stateDir = resolveFromRoot(config.stateDir);
+  mkdirSync(stateDir, { recursive: true, mode: 0o700 });
+
+  const registry = createModelRegistry({ models: config.models, cacheDir: resolveFromRoot(config.cacheDir) });
+  const backend = deps.backend ?? createProcessBackend({ cwd: stateDir });
+  const metrics = createGatewayMetrics();
+  const models: ServedModel[] = [];
+  for (const name of registry.names()) {
+    const resolved = await registry.resolve(name);
+    const summary = readGgufSummary(resolved.path);
+    const trained = Number(summary.metadata.get(`${String(summary.metadata.get('general.architecture'))}.context_length`) ?? config.inference.contextSize);
+    const contextLength = Math.min(config.inference.contextSize, trained);
+    const pool = createWorkerPool({
+      backend,
+      spec: {
+        modelName: name,
+        modelPath: resolved.path,
+        ...(resolved.sha256 ? { sha256: resolved.sha256 } : {}),
+        contextSize: contextLength,
+        threads: config.inference.threads,
+        batchSize: config.inference.batchSize,
+        logLevel: config.logLevel === 'info' ? 'warn' : config.logLevel,
+      },
+      size: config.pool.size,
+      maxActive: config.pool.maxActive,
+      maxQueue: config.gateway.maxQueue,
+      logger: log,
+      observer: metrics.poolObserver,
+    });
+    models.push({ name, contextLength, pool });
+  }
+  metrics.watchPools(models.map((m) => m.pool));
+
+  const g = config.gateway;
+  const tls = g.tls === 'self-signed' ? await ensureSelfSignedTls(stateDir) : g.tls === 'provided' ? loadProvidedTls(g.tlsCertPath!, g.tlsKeyPath!) : undefined;
+  if (tls?.generated) log.info({ fingerprint: tls.fingerprint }, 'made a new TLS key and self-signed certificate');
+  if (g.auth === 'none') log.warn({ host: g.host }, 'API authentication is OFF (allowed on loopback only): any local process can use this node');
+  if (g.tls === 'off') log.warn({ host: g.host }, 'TLS is OFF (allowed on loopback only)');
+  const apiKeys = g.auth === 'api-keys' ? createApiKeyStore({ path: apiKeyStorePath(config) }) : undefined;
+
+  const { app, metricsApp } = await buildGateway({ config: g, models, apiKeys, logger: log, metrics, ...(tls ? { tls } : {}) });
+  for (const m of models) m.pool.start();
+  let closing: Promise<void> | undefined;
+  const closeAll = async (): Promise<void> => {
+    const graceful = app.close();
+    const inTime = await Promise.race([graceful.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), g.shutdownGraceMs).unref())]);
+    if (!inTime) log.warn({ graceMs: g.shutdownGraceMs }, 'requests still in flight after the grace period; ending their workers');
+    await Promise.all(models.map((m) => m.pool.close()));
+    await graceful;
+    await metricsApp.close();
+  };
+  try {
+    await app.listen({ host: g.host, port: g.port });
+    await metricsApp.listen({ host: g.metricsHost, port: g.metricsPort });
+  } catch (err) {
+    await closeAll();
+    throw err;
+  }
+  const port = (app.server.address() as { port: number }).port;
+  const metricsPort = (metricsApp.server.address() as { port: number }).port;
+  const url = `${tls ? 'https' : 'http'}://${hostForUrl(g.host)}:${port}`;
+  log.info({ url, metrics: `http://${hostForUrl(g.metricsHost)}:${metricsPort}/metrics`, ...(tls ? { tlsFingerprint: tls.fingerprint } : {}) }, 'gateway listening');
+  return {
+    url,
+    metricsUrl: `http://${hostForUrl(g.metricsHost)}:${metricsPort}/metrics`,
+    tls,
+    models,
+    apiKeys,
+    close: () => (closing ??= closeAll()),
+  };
+}
