@@ -10,7 +10,7 @@ cd "$root"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # 1. Debian packages the build and tests need (installed only when missing).
-apt_packages=(ca-certificates python3 make g++ git)
+apt_packages=(ca-certificates curl python3 make g++ git)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -47,6 +47,8 @@ export const ERRORS = Object.freeze({
   API_KEY_NOT_FOUND: def('api_key_not_found', 404, 'not_found_error', 2),
   STATE_FILE_INVALID: def('state_file_invalid', 500, 'server_error', 1),
   TLS_SETUP_FAILED: def('tls_setup_failed', 500, 'server_error', 1),
+  TLS_PIN_MISMATCH: def('tls_pin_mismatch', 502, 'server_error', 6),
+  NODE_UNREACHABLE: def('node_unreachable', 502, 'server_error', 6),
   // generic
   INTERNAL: def('internal_error', 500, 'server_error', 1),
 });

@@ -9,6 +9,10 @@ import { ERRORS, UsageError, isPhantomaError, PhantomaError } from '../errors.ts
 import { resolveFromRoot } from '../paths.ts';
 import { modelsCommand } from './models.ts';
 import { localChatCommand } from './local-chat.ts';
+import { serveCommand } from './serve.ts';
+import { apikeysCommand } from './apikeys.ts';
+import { keysCommand } from './keys.ts';
+import { chatCommand } from './chat.ts';
 
 export interface CommandContext {
   args: string[];
@@ -26,6 +30,10 @@ export interface Command {
 }
 
 const COMMANDS: Record<string, Command> = {
+  serve: serveCommand,
+  chat: chatCommand,
+  apikeys: apikeysCommand,
+  keys: keysCommand,
   models: modelsCommand,
   'local-chat': localChatCommand,
   config: {
@@ -53,7 +61,7 @@ function settingOptions(): ParseArgsConfig['options'] {
 function mainHelp(): string {
   const cmds = Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(12)} ${c.summary}`).join('\n');
   const settings = configFlags().map((f) => `  ${`${f.flag}=<${f.kind}>`.padEnd(28)} ${f.description}`).join('\n');
-  return `phantoma — private LLM inference appliance\n\nusage: phantoma <command> [options]\n\ncommands:\n${cmds}\n\nglobal options:\n  --config FILE               JSON configuration file\n  --json                      machine-readable output\n  -h, --help                  help for phantoma or a command\n\nsettings (override the config file):\n${settings}\n\nexit codes: 0 ok, 1 internal error, 2 usage or configuration error, 3 model error`;
+  return `phantoma — private LLM inference appliance\n\nusage: phantoma <command> [options]\n\ncommands:\n${cmds}\n\nglobal options:\n  --config FILE               JSON configuration file\n  --json                      machine-readable output\n  -h, --help                  help for phantoma or a command\n\nsettings (override the config file):\n${settings}\n\nexit codes: 0 ok, 1 internal error, 2 usage or configuration error, 3 model error,\n  4 authentication or rate limit, 5 node could not serve, 6 node unreachable or TLS pin mismatch`;
 }
 
 export async function runCli(argv: string[], io: { out: (s: string) => void; err: (s: string) => void }): Promise<number> {

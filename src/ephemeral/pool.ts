@@ -74,8 +74,8 @@ export interface WorkerPool {
   stats(): PoolStats;
   /** Why the pool cannot serve right now, or undefined when it can. */
   notReadyReason(): string | undefined;
-  /** Pids of every live worker (tests and diagnostics). */
-  pids(): number[];
+  /** Every live worker with its state (tests and diagnostics). */
+  workers(): Array<{ id: string; pid: number | undefined; state: WorkerState }>;
   close(): Promise<void>;
 }
 
@@ -295,7 +295,7 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
       if (lastStartError) return `model ${opts.spec.modelName}: no worker could start (${lastStartError})`;
       return `model ${opts.spec.modelName}: no warm worker yet (${count('starting')} starting)`;
     },
-    pids: () => [...workers.values()].map((w) => w.handle.pid).filter((p): p is number => p !== undefined),
+    workers: () => [...workers.values()].map((w) => ({ id: w.handle.id, pid: w.handle.pid, state: w.state })),
     async close() {
       closed = true;
       clearTimeout(backoffTimer);

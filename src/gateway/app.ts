@@ -94,8 +94,14 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
     requestIdHeader: false,
     genReqId: () => randomBytes(8).toString('hex'),
     return503OnClosing: true,
+    // Strict validation: no type coercion ("hello" is not an array) and unknown parameters are errors,
+    // not silently dropped (OpenAI refuses them too).
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false, useDefaults: true, allErrors: false } },
     ...(deps.tls ? { https: { key: deps.tls.key, cert: deps.tls.cert, minVersion: 'TLSv1.2' as const } } : {}),
   });
+
+  // The API speaks JSON only; anything else is a 415, not a string that then fails validation.
+  app.removeContentTypeParser('text/plain');
 
   app.setErrorHandler((err, request, reply) => {
     const e = toPhantomaError(err);

@@ -1,0 +1,26 @@
+// phantoma serve: run a node (gateway + warm worker pools) until SIGTERM/SIGINT, then drain and stop.
+import type { Command } from './main.ts';
+import { createLogger } from '../logger.ts';
+import { startNode } from '../main.ts';
+
+export const serveCommand: Command = {
+  summary: 'run the node: the HTTPS OpenAI-compatible API with warm one-shot workers',
+  usage: 'phantoma serve [--config FILE] [--gateway.port=N] [--pool.size=N] ...',
+  async run(ctx) {
+    const config = ctx.config();
+    const logger = createLogger({ level: config.logLevel });
+    const node = await startNode(config, { logger });
+    // One plain line for operators and scripts: where to connect and what to pin.
+    ctx.out(ctx.json ? JSON.stringify({ url: node.url, tlsFingerprint: node.tls?.fingerprint ?? null, metrics: node.metricsUrl }) : `phantoma: serving ${node.url}${node.tls ? ` (TLS SHA-256 ${node.tls.fingerprint})` : ''}`);
+    const stopped = Promise.withResolvers<void>();
+    const stop = (signal: string): void => {
+      logger.info({ signal }, 'stopping: draining requests in flight');
+      void node.close().then(() => stopped.resolve());
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+    await stopped.promise;
+    logger.info('stopped');
+    return 0;
+  },
+};

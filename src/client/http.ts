@@ -1,0 +1,91 @@
+// A small HTTP(S) client for the node's API with certificate pinning: with a pin, the TLS connection is
+// made and its certificate's SHA-256 fingerprint checked BEFORE any byte of the request is written, so a
+// wrong node never sees the API key or the prompt. Without a pin, the system's CAs verify as usual.
+import http from 'node:http';
+import https from 'node:https';
+import tls from 'node:tls';
+import { once } from 'node:events';
+import { PhantomaError, ERRORS } from '../errors.ts';
+
+export interface NodeEndpoint {
+  url: string;
+  /** SHA-256 fingerprint of the node's certificate, colon-separated hex (any case, colons optional). */
+  pin?: string;
+  apiKey?: string;
+}
+
+export function normaliseFingerprint(fp: string): string {
+  const hex = fp.replace(/[^0-9a-fA-F]/g, '').toUpperCase();
+  return hex.match(/.{2}/g)?.join(':') ?? '';
+}
+
+async function connectPinned(u: URL, pin: string): Promise<tls.TLSSocket> {
+  const socket = tls.connect({ host: u.hostname.replace(/^\[|\]$/g, ''), port: Number(u.port || 443), servername: /^[\d.]+$|:/.test(u.hostname) ? undefined : u.hostname, rejectUnauthorized: false, ALPNProtocols: ['http/1.1'] });
+  try {
+    await once(socket, 'secureConnect');
+  } catch (err) {
+    throw new PhantomaError(ERRORS.NODE_UNREACHABLE, `cannot reach ${u.host}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  const seen = socket.getPeerCertificate().fingerprint256;
+  if (normaliseFingerprint(seen ?? '') !== normaliseFingerprint(pin)) {
+    socket.destroy();
+    throw new PhantomaError(ERRORS.TLS_PIN_MISMATCH, `the node at ${u.host} presented certificate ${seen}, not the pinned ${normaliseFingerprint(pin)}; nothing was sent`);
+  }
+  return socket;
+}
+
+export interface ApiResponse {
+  status: number;
+  headers: http.IncomingHttpHeaders;
+  body: http.IncomingMessage;
+}
+
+export async function request(endpoint: NodeEndpoint, method: string, path: string, body?: unknown, signal?: AbortSignal): Promise<ApiResponse> {
+  const u = new URL(path, endpoint.url);
+  const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+  const headers: http.OutgoingHttpHeaders = {
+    accept: 'application/json, text/event-stream',
+    ...(payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {}),
+    ...(endpoint.apiKey ? { authorization: `Bearer ${endpoint.apiKey}` } : {}),
+  };
+  const opts: http.RequestOptions = { method, path: u.pathname + u.search, headers, ...(signal ? { signal } : {}) };
+  let req: http.ClientRequest;
+  if (u.protocol === 'https:' && endpoint.pin) {
+    const socket = await connectPinned(u, endpoint.pin);
+    req = http.request({ ...opts, host: u.hostname, port: u.port, createConnection: () => socket });
+  } else if (u.protocol === 'https:') {
+    req = https.request({ ...opts, host: u.hostname.replace(/^\[|\]$/g, ''), port: u.port });
+  } else {
+    req = http.request({ ...opts, host: u.hostname.replace(/^\[|\]$/g, ''), port: u.port });
+  }
+  const responded = once(req, 'response') as Promise<[http.IncomingMessage]>;
+  req.end(payload);
+  try {
+    const [res] = await responded;
+    return { status: res.statusCode ?? 0, headers: res.headers, body: res };
+  } catch (err) {
+    if (signal?.aborted) throw err;
+    throw new PhantomaError(ERRORS.NODE_UNREACHABLE, `cannot reach ${u.host}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+}
+
+export async function readAll(res: http.IncomingMessage): Promise<string> {
+  const parts: Buffer[] = [];
+  for await (const c of res) parts.push(c as Buffer);
+  return Buffer.concat(parts).toString('utf8');
+}
+
+/** Yields each SSE `data:` payload until `[DONE]` or the end of the stream. */
+export async function* sseData(res: http.IncomingMessage): AsyncGenerator<string> {
+  let buffered = '';
+  for await (const chunk of res) {
+    buffered += (chunk as Buffer).toString('utf8');
+    for (let i = buffered.indexOf('\n\n'); i !== -1; i = buffered.indexOf('\n\n')) {
+      const event = buffered.slice(0, i);
+      buffered = buffered.slice(i + 2);
+      const data = event.split('\n').filter((l) => l.startsWith('data:')).map((l) => l.slice(5).trimStart()).join('\n');
+      if (data === '[DONE]') return;
+      if (data !== '') yield data;
+    }
+  }
+}
