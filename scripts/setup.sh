@@ -49,5 +49,8 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# 4. Test models (deterministic, generated from a seed, cached under .cache/models/).
+# 4. Native parts: the persistent-threadpool preload library for workers.
+make -s -C native/threadpool
+
+# 5. Test models (deterministic, generated from a seed, cached under .cache/models/).
 node src/cli/main.ts models ensure --quiet-if-cached tiny

@@ -1,10 +1,11 @@
 // The composition root: reads nothing itself, builds every part from a validated config and wires them.
 // `phantoma serve` calls startNode; tests call it too, on port 0.
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, existsSync } from 'node:fs';
+import { PhantomaError, ERRORS } from './errors.ts';
 import { join } from 'node:path';
 import type { Config } from './config/schema.ts';
 import type { Logger } from './logger.ts';
-import { resolveFromRoot } from './paths.ts';
+import { resolveFromRoot, projectRoot } from './paths.ts';
 import { createModelRegistry } from './models/registry.ts';
 import { readGgufSummary } from './models/gguf-reader.ts';
 import { createProcessBackend } from './ephemeral/process-backend.ts';
@@ -31,6 +32,15 @@ export interface NodeDeps {
   backend?: WorkerBackend;
 }
 
+/** The LD_PRELOAD library built by scripts/setup.sh; refusing to start without it beats a silent slowdown. */
+export function threadpoolShimPath(): string {
+  const path = join(projectRoot(), 'native', 'threadpool', 'build', 'libphantoma_threadpool.so');
+  if (!existsSync(path)) {
+    throw new PhantomaError(ERRORS.CONFIG_INVALID, `inference.persistentThreadpool is on but ${path} is missing: run scripts/setup.sh (or make -C native/threadpool)`);
+  }
+  return path;
+}
+
 function hostForUrl(host: string): string {
   return host.includes(':') ? `[${host}]` : host === '0.0.0.0' ? '127.0.0.1' : host;
 }
@@ -45,7 +55,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   mkdirSync(stateDir, { recursive: true, mode: 0o700 });
 
   const registry = createModelRegistry({ models: config.models, cacheDir: resolveFromRoot(config.cacheDir) });
-  const backend = deps.backend ?? createProcessBackend({ cwd: stateDir });
+  const backend = deps.backend ?? createProcessBackend({ cwd: stateDir, preload: config.inference.persistentThreadpool ? [threadpoolShimPath()] : [] });
   const metrics = createGatewayMetrics();
   const models: ServedModel[] = [];
   for (const name of registry.names()) {

@@ -70,6 +70,10 @@ export const ConfigSchema = Type.Object(
         threads: Type.Integer({ minimum: 1, maximum: 256, default: 2, description: 'CPU threads per generation; never more than the cores' }),
         contextSize: Type.Integer({ minimum: 64, maximum: 131072, default: 2048, description: 'tokens of context per request' }),
         batchSize: Type.Integer({ minimum: 1, maximum: 8192, default: 512, description: 'prompt evaluation batch size' }),
+        persistentThreadpool: Type.Boolean({
+          default: true,
+          description: 'give each worker context a persistent CPU threadpool (native/threadpool), as llama-server does',
+        }),
       },
       { additionalProperties: false, default: {} },
     ),

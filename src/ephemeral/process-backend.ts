@@ -8,7 +8,14 @@ import type { WorkerBackend, WorkerHandle, WorkerExit } from './backend.ts';
 
 const WORKER_MAIN = fileURLToPath(new URL('./worker-main.ts', import.meta.url));
 
-export function createProcessBackend(deps: { nodePath?: string; cwd: string }): WorkerBackend {
+export interface ProcessBackendDeps {
+  nodePath?: string;
+  cwd: string;
+  /** Shared libraries preloaded into each worker (the persistent-threadpool shim). */
+  preload?: readonly string[];
+}
+
+export function createProcessBackend(deps: ProcessBackendDeps): WorkerBackend {
   return {
     name: 'process',
     spawn(spec, opts): WorkerHandle {
@@ -17,7 +24,7 @@ export function createProcessBackend(deps: { nodePath?: string; cwd: string }): 
         cwd: deps.cwd,
         stdio: ['pipe', 'pipe', 'pipe'],
         // Only what the worker needs: no credentials, proxies or tokens from the gateway's environment.
-        env: { PATH: '/usr/bin:/bin', NODE_LLAMA_CPP_SKIP_DOWNLOAD: 'true', LANG: 'C.UTF-8' },
+        env: { PATH: '/usr/bin:/bin', NODE_LLAMA_CPP_SKIP_DOWNLOAD: 'true', LANG: 'C.UTF-8', ...(deps.preload?.length ? { LD_PRELOAD: deps.preload.join(':') } : {}) },
       });
       const exited = new Promise<WorkerExit>((resolve) => {
         // 'close', not 'exit': it fires after the worker's stdout is drained, so a final message is never lost.
