@@ -51,6 +51,7 @@ fi
 
 # 4. Native parts: the persistent-threadpool preload library for workers.
 make -s -C native/threadpool
+make -s -C native/addon
 
 # 5. Test models (deterministic, generated from a seed, cached under .cache/models/).
 node src/cli/main.ts models ensure --quiet-if-cached tiny

@@ -49,6 +49,11 @@ export const ERRORS = Object.freeze({
   TLS_SETUP_FAILED: def('tls_setup_failed', 500, 'server_error', 1),
   TLS_PIN_MISMATCH: def('tls_pin_mismatch', 502, 'server_error', 6),
   NODE_UNREACHABLE: def('node_unreachable', 502, 'server_error', 6),
+  // audit log and host checks
+  AUDIT_CHAIN_BROKEN: def('audit_chain_broken', 500, 'server_error', 7),
+  AUDIT_EVENT_REFUSED: def('audit_event_refused', 500, 'server_error', 1),
+  DOCTOR_CHECK_FAILED: def('doctor_check_failed', 500, 'server_error', 8),
+  UNENCRYPTED_SWAP: def('unencrypted_swap', 503, 'server_error', 5),
   // generic
   INTERNAL: def('internal_error', 500, 'server_error', 1),
 });

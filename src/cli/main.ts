@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // The phantoma command line. Each subcommand parses its own flags; every configuration setting is also
 // accepted as a flag (--inference.threads=2). Exit codes: 0 ok, 1 internal error, 2 usage or
-// configuration error, 3 model error (docs/cli.md).
+// configuration error, 3 model error, 4 auth/limits, 5 node could not serve, 6 unreachable or pin mismatch,
+// 7 audit log broken, 8 a host check failed (docs/errors.md).
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { configFlags, loadConfig } from '../config/load.ts';
 import type { Config } from '../config/schema.ts';
@@ -13,6 +14,8 @@ import { serveCommand } from './serve.ts';
 import { apikeysCommand } from './apikeys.ts';
 import { keysCommand } from './keys.ts';
 import { chatCommand } from './chat.ts';
+import { auditCommand } from './audit.ts';
+import { doctorCommand } from './doctor.ts';
 
 export interface CommandContext {
   args: string[];
@@ -34,6 +37,8 @@ const COMMANDS: Record<string, Command> = {
   chat: chatCommand,
   apikeys: apikeysCommand,
   keys: keysCommand,
+  audit: auditCommand,
+  doctor: doctorCommand,
   models: modelsCommand,
   'local-chat': localChatCommand,
   config: {
@@ -61,7 +66,7 @@ function settingOptions(): ParseArgsConfig['options'] {
 function mainHelp(): string {
   const cmds = Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(12)} ${c.summary}`).join('\n');
   const settings = configFlags().map((f) => `  ${`${f.flag}=<${f.kind}>`.padEnd(28)} ${f.description}`).join('\n');
-  return `phantoma — private LLM inference appliance\n\nusage: phantoma <command> [options]\n\ncommands:\n${cmds}\n\nglobal options:\n  --config FILE               JSON configuration file\n  --json                      machine-readable output\n  -h, --help                  help for phantoma or a command\n\nsettings (override the config file):\n${settings}\n\nexit codes: 0 ok, 1 internal error, 2 usage or configuration error, 3 model error,\n  4 authentication or rate limit, 5 node could not serve, 6 node unreachable or TLS pin mismatch`;
+  return `phantoma — private LLM inference appliance\n\nusage: phantoma <command> [options]\n\ncommands:\n${cmds}\n\nglobal options:\n  --config FILE               JSON configuration file\n  --json                      machine-readable output\n  -h, --help                  help for phantoma or a command\n\nsettings (override the config file):\n${settings}\n\nexit codes: 0 ok, 1 internal error, 2 usage or configuration error, 3 model error,\n  4 authentication or rate limit, 5 node could not serve, 6 node unreachable or TLS pin mismatch,\n  7 audit log failed verification, 8 a host check failed`;
 }
 
 export async function runCli(argv: string[], io: { out: (s: string) => void; err: (s: string) => void }): Promise<number> {

@@ -17,6 +17,20 @@ export interface WorkerHandle {
   readonly exited: Promise<WorkerExit>;
   /** Ends the worker (SIGKILL) and resolves once it is gone. */
   kill(): Promise<WorkerExit>;
+  /** Back to normal CPU priority when a warm worker (refilled at low priority) takes a request. */
+  promote?(): void;
+  /** Backends that can prove the end (the warden: cgroup killed, empty and removed) settle this once
+   * the worker has ended, for the audit log. Plain process workers have no such proof. */
+  readonly endResult?: Promise<WorkerEndResult>;
+}
+
+export interface WorkerEndResult {
+  /** The worker's cgroup was killed, found empty and removed, and its main process reaped. */
+  verified: boolean;
+  /** Time the end and its verification took, measured by the warden; null when it did not answer. */
+  ms: number | null;
+  /** Why verification failed (a warden error code), when it did. */
+  error?: string;
 }
 
 export interface WorkerBackend {

@@ -236,6 +236,7 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
       if (w.state === 'ready') {
         w.state = 'busy';
         active++;
+        w.handle.promote?.();
         return makeLease(w);
       }
     }

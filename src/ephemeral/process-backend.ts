@@ -16,6 +16,7 @@ export interface ProcessBackendDeps {
 }
 
 export function createProcessBackend(deps: ProcessBackendDeps): WorkerBackend {
+  const canPromote = process.getuid?.() === 0;
   return {
     name: 'process',
     spawn(spec, opts): WorkerHandle {
@@ -31,7 +32,9 @@ export function createProcessBackend(deps: ProcessBackendDeps): WorkerBackend {
         child.once('close', (code, signal) => resolve({ code, signal }));
         child.once('error', () => resolve({ code: null, signal: null }));
       });
-      if (opts.lowPriority && child.pid) {
+      // Lowering a priority again needs CAP_SYS_NICE: without it a refill would serve its request at
+      // nice 10 behind anything else on the host, so only refill at low priority when we can promote.
+      if (opts.lowPriority && canPromote && child.pid) {
         try {
           // A refill competes with decoding on a small machine; let the active request win.
           setPriority(child.pid, 10);
@@ -48,6 +51,14 @@ export function createProcessBackend(deps: ProcessBackendDeps): WorkerBackend {
         stdout: child.stdout,
         stderr: child.stderr,
         exited,
+        promote() {
+          if (!canPromote || !child.pid) return;
+          try {
+            setPriority(child.pid, 0);
+          } catch {
+            /* exited already */
+          }
+        },
         async kill() {
           if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
           return exited;

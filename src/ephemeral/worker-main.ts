@@ -14,6 +14,8 @@ export interface WorkerSpec {
   threads: number;
   batchSize: number;
   logLevel: string;
+  /** Run a fixed throwaway generation before ready (default true). */
+  warmup?: boolean;
 }
 
 function send(m: FromWorker): Promise<void> {
@@ -33,6 +35,13 @@ async function main(): Promise<void> {
   const loaded = await loadModelFile(runtime, spec.modelPath, spec.sha256 ? { sha256: spec.sha256 } : {});
   const context = await createContext(loaded.model, spec);
   const chatWrapper = prepareChatWrapper(loaded.model);
+  // A one-shot worker would otherwise run node-llama-cpp's generation path cold (unoptimised JS, first
+  // native calls) while a client waits. Warm it on a fixed throwaway prompt — never client data — whose
+  // sequence and KV cache are released before the worker says ready.
+  if (spec.warmup !== false) {
+    await generateChat(context, [{ role: 'user', content: 'warm-up' }], { chatWrapper, maxTokens: 2, seed: 0, temperature: 0 });
+    await generateCompletion(context, 'warm-up', { maxTokens: 1, seed: 0, temperature: 0 });
+  }
 
   const abort = new AbortController();
   let job: JobMessage | undefined;

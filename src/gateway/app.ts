@@ -196,6 +196,16 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
     if (r.usage.completionTokens > 1 && decodeSeconds > 0) metrics.tokensPerSecond.observe({ model }, (r.usage.completionTokens - 1) / decodeSeconds);
   }
 
+  /** Counts and worker-side timings for the request log line (no content). */
+  function resultFields(r: JobResult): Record<string, number> {
+    return {
+      promptTokens: r.usage.promptTokens,
+      completionTokens: r.usage.completionTokens,
+      ...(r.firstTokenMs === null ? {} : { workerTtftMs: Math.round(r.firstTokenMs * 10) / 10 }),
+      workerGenerateMs: Math.round(r.generateMs * 10) / 10,
+    };
+  }
+
   type Shape = 'chat' | 'completion';
 
   async function serve(request: FastifyRequest, reply: FastifyReply, shape: Shape, body: ChatCompletionRequest | CompletionRequest): Promise<unknown> {
@@ -215,7 +225,7 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
       const parts: string[] = [];
       const result = await lease.run(job, { onChunk: (t) => parts.push(t), signal, timeoutMs });
       observe(served.name, result);
-      request.logFields = { ...request.logFields, promptTokens: result.usage.promptTokens, completionTokens: result.usage.completionTokens };
+      request.logFields = { ...request.logFields, ...resultFields(result) };
       const text = parts.join('');
       parts.length = 0;
       const usage = usageObject(result.usage);
@@ -246,7 +256,7 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
     try {
       const result = await lease.run(job, { onChunk: (t) => t !== '' && event(delta(t, null)), signal, timeoutMs });
       observe(served.name, result);
-      request.logFields = { ...request.logFields, promptTokens: result.usage.promptTokens, completionTokens: result.usage.completionTokens };
+      request.logFields = { ...request.logFields, ...resultFields(result) };
       event(delta(undefined, finishReason(result.finishReason)));
       if (body.stream_options?.include_usage) event({ ...base, choices: [], usage: usageObject(result.usage) });
     } catch (err) {
