@@ -15,6 +15,9 @@ import { createGatewayMetrics } from './gateway/metrics.ts';
 import { createApiKeyStore, type ApiKeyStore } from './gateway/api-keys.ts';
 import { ensureSelfSignedTls, loadProvidedTls, type TlsMaterial } from './gateway/tls.ts';
 import { buildGateway, type ServedModel } from './gateway/app.ts';
+import { createAuditLog, auditDirOf, type AuditLog } from './audit/audit-log.ts';
+import type { AuditEvent } from './audit/audit-events.ts';
+import type { PoolObserver } from './ephemeral/pool.ts';
 
 export interface RunningNode {
   url: string;
@@ -22,6 +25,7 @@ export interface RunningNode {
   tls: TlsMaterial | undefined;
   models: readonly ServedModel[];
   apiKeys: ApiKeyStore | undefined;
+  audit: AuditLog;
   /** Stops accepting, lets requests in flight finish (bounded by shutdownGraceMs), then ends every worker. */
   close(): Promise<void>;
 }
@@ -57,6 +61,28 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   const registry = createModelRegistry({ models: config.models, cacheDir: resolveFromRoot(config.cacheDir) });
   const backend = deps.backend ?? createProcessBackend({ cwd: stateDir, preload: config.inference.persistentThreadpool ? [threadpoolShimPath()] : [] });
   const metrics = createGatewayMetrics();
+  const audit = createAuditLog({ dir: auditDirOf(config), maxFileBytes: config.audit.maxFileBytes, maxFiles: config.audit.maxFiles });
+  // An audit write that fails (disk full) must not take a request down with it; it is logged loudly.
+  const record = (event: AuditEvent): void => {
+    try {
+      audit.append(event);
+    } catch (err) {
+      log.error({ code: (err as { code?: string }).code, type: event.type }, 'audit append failed');
+    }
+  };
+  record({ type: 'node_started', version: '0.1.0', pid: process.pid });
+  const observer: PoolObserver = {
+    workerStarted(model, ms, workerId) {
+      metrics.poolObserver.workerStarted?.(model, ms, workerId);
+      record({ type: 'worker_spawned', workerId, model, backend: backend.name });
+    },
+    workerStartFailed: (model, code) => metrics.poolObserver.workerStartFailed?.(model, code),
+    workerEnded(model, outcome, workerId, endMs) {
+      metrics.poolObserver.workerEnded?.(model, outcome, workerId, endMs);
+      // The process backend can only see the pid is gone; the warden backend verifies the cgroup (issue 5).
+      record({ type: 'worker_ended', workerId, outcome, verified: true, endMs: Math.round(endMs * 1000) / 1000 });
+    },
+  };
   const models: ServedModel[] = [];
   for (const name of registry.names()) {
     const resolved = await registry.resolve(name);
@@ -78,7 +104,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
       maxActive: config.pool.maxActive,
       maxQueue: config.gateway.maxQueue,
       logger: log,
-      observer: metrics.poolObserver,
+      observer,
     });
     models.push({ name, contextLength, pool });
   }
@@ -91,7 +117,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   if (g.tls === 'off') log.warn({ host: g.host }, 'TLS is OFF (allowed on loopback only)');
   const apiKeys = g.auth === 'api-keys' ? createApiKeyStore({ path: apiKeyStorePath(config) }) : undefined;
 
-  const { app, metricsApp } = await buildGateway({ config: g, models, apiKeys, logger: log, metrics, ...(tls ? { tls } : {}) });
+  const { app, metricsApp } = await buildGateway({ config: g, models, apiKeys, logger: log, metrics, audit: record, ...(tls ? { tls } : {}) });
   for (const m of models) m.pool.start();
   let closing: Promise<void> | undefined;
   const closeAll = async (): Promise<void> => {
@@ -101,6 +127,8 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
     await Promise.all(models.map((m) => m.pool.close()));
     await graceful;
     await metricsApp.close();
+    record({ type: 'node_stopped', reason: 'shutdown' });
+    audit.close();
   };
   try {
     await app.listen({ host: g.host, port: g.port });
@@ -119,6 +147,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
     tls,
     models,
     apiKeys,
+    audit,
     close: () => (closing ??= closeAll()),
   };
 }

@@ -58,6 +58,13 @@ export const ConfigSchema = Type.Object(
       },
       { additionalProperties: false, default: {} },
     ),
+    audit: Type.Object(
+      {
+        maxFileBytes: Type.Integer({ minimum: 4096, maximum: 1 << 30, default: 16 << 20, description: 'audit.log is rotated before it grows past this' }),
+        maxFiles: Type.Integer({ minimum: 1, maximum: 1000, default: 10, description: 'rotated audit files kept' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
     pool: Type.Object(
       {
         size: Type.Integer({ minimum: 1, maximum: 64, default: 2, description: 'warm workers kept ready per model' }),

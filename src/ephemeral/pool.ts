@@ -10,9 +10,9 @@ import { createLineDecoder, encodeMessage, type FromWorker, type JobMessage, typ
 export type WorkerState = 'starting' | 'ready' | 'busy';
 
 export interface PoolObserver {
-  workerStarted?(model: string, ms: number): void;
+  workerStarted?(model: string, ms: number, workerId: string): void;
   workerStartFailed?(model: string, code: string): void;
-  workerEnded?(model: string, outcome: JobOutcome): void;
+  workerEnded?(model: string, outcome: JobOutcome, workerId: string, endMs: number): void;
 }
 
 export type JobOutcome = 'ok' | 'refused' | 'timeout' | 'client_closed' | 'worker_failed' | 'unused';
@@ -123,7 +123,7 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
           w.state = 'ready';
           consecutiveFailures = 0;
           lastStartError = undefined;
-          opts.observer?.workerStarted?.(opts.spec.modelName, performance.now() - spawnedAt);
+          opts.observer?.workerStarted?.(opts.spec.modelName, performance.now() - spawnedAt, handle.id);
           log.debug({ workerId: handle.id, pid: handle.pid, loadMs: m.loadMs }, 'worker ready');
           dispatch();
         } else if (m.type === 'error') {
@@ -182,9 +182,10 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
           const graceful = await Promise.race([w.handle.exited.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), exitGraceMs).unref())]);
           if (!graceful) log.warn({ workerId: w.handle.id }, 'worker did not exit after its job; killing it');
         }
+        const endStart = performance.now();
         await w.handle.kill();
         active--;
-        opts.observer?.workerEnded?.(opts.spec.modelName, outcome);
+        opts.observer?.workerEnded?.(opts.spec.modelName, outcome, w.handle.id, performance.now() - endStart);
         dispatch();
         refill();
       })();

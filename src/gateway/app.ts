@@ -11,6 +11,7 @@ import type { WorkerPool, JobResult } from '../ephemeral/pool.ts';
 import type { JobMessage } from '../ephemeral/worker-protocol.ts';
 import type { ApiKeyStore } from './api-keys.ts';
 import type { GatewayMetrics } from './metrics.ts';
+import type { AuditEvent } from '../audit/audit-events.ts';
 import {
   ChatCompletionRequest,
   CompletionRequest,
@@ -35,6 +36,8 @@ export interface GatewayDeps {
   logger: Logger;
   metrics: GatewayMetrics;
   tls?: { key: string; cert: string };
+  /** Appends to the node's audit log (ids, counts, outcomes; never content). */
+  audit?: (event: AuditEvent) => void;
   clock?: () => number;
 }
 
@@ -124,6 +127,8 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
     const route = request.routeOptions.url ?? 'unmatched';
     metrics.requests.inc({ route, status: String(reply.statusCode) });
     request.log.info({ method: request.method, route, status: reply.statusCode, ms: Math.round(reply.elapsedTime), ...request.logFields }, 'request');
+    const event = deps.audit && request.url.startsWith('/v1/') ? auditEventFor(request, route, reply.statusCode, reply.elapsedTime) : undefined;
+    if (event) deps.audit!(event);
   });
 
   // Authentication: every /v1 route needs a valid, unrevoked API key unless auth is explicitly off.
@@ -204,6 +209,26 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
       ...(r.firstTokenMs === null ? {} : { workerTtftMs: Math.round(r.firstTokenMs * 10) / 10 }),
       workerGenerateMs: Math.round(r.generateMs * 10) / 10,
     };
+  }
+
+  /** A served request (a worker ran) or a refusal (none did), with the stable code when it failed. */
+  function auditEventFor(request: FastifyRequest, route: string, status: number, ms: number): AuditEvent | undefined {
+    const f = request.logFields ?? {};
+    const code = typeof f.code === 'string' ? f.code : undefined;
+    if (typeof f.workerId === 'string' && typeof f.model === 'string') {
+      return {
+        type: 'request_served',
+        requestId: request.id,
+        model: f.model,
+        durationMs: Math.round(ms * 10) / 10,
+        promptTokens: typeof f.promptTokens === 'number' ? f.promptTokens : 0,
+        completionTokens: typeof f.completionTokens === 'number' ? f.completionTokens : 0,
+        outcome: code ? 'error' : 'ok',
+        ...(code ? { code } : {}),
+      };
+    }
+    if (status < 400) return undefined;
+    return { type: 'refusal', requestId: request.id, code: code ?? `http_${status}`, route };
   }
 
   type Shape = 'chat' | 'completion';

@@ -5,6 +5,9 @@ import OpenAI from 'openai';
 import { Agent, fetch as undiciFetch } from 'undici';
 import { startTestNode, parseSse, type TestNode } from './fixture.ts';
 import { runPhantoma } from '../helpers.ts';
+import { readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { verifyAuditLog, tailAuditLog } from '../../src/audit/audit-log.ts';
 
 const n: TestNode = await startTestNode();
 t.teardown(() => n.close());
@@ -176,6 +179,14 @@ t.test('logs carry ids, counts and durations, never a prompt, an answer or a key
   const lines = n.logs.map((l) => JSON.parse(l)).filter((l) => l.msg === 'request' && l.route === '/v1/chat/completions' && l.status === 200);
   t.ok(lines.length > 0);
   t.match(lines.at(-1), { reqId: String, model: 'tiny', workerId: String, ms: Number, promptTokens: Number, completionTokens: Number });
+
+  const auditDir = join(n.stateDir, 'audit');
+  const auditText = readdirSync(auditDir).map((f) => readFileSync(join(auditDir, f), 'utf8')).join('');
+  t.ok(auditText.includes('"type":"request_served"'), 'the audit scan sees the audit entries');
+  t.notOk(auditText.includes(canary), 'no canary in the audit log');
+  t.equal(verifyAuditLog(auditDir).ok, true, 'the audit chain verifies');
+  const types = new Set(tailAuditLog(auditDir, 500).map((e) => e.type));
+  for (const type of ['node_started', 'worker_spawned', 'worker_ended', 'request_served', 'refusal']) t.ok(types.has(type as never), `audit has ${type}`);
 
   const metrics = await (await fetch(n.node.metricsUrl)).text();
   t.notOk(metrics.includes(canary), 'no client-supplied string became a metric label');
