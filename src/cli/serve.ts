@@ -2,12 +2,15 @@
 import type { Command } from './main.ts';
 import { createLogger } from '../logger.ts';
 import { startNode } from '../main.ts';
+import { setDumpable } from '../native/addon.ts';
 
 export const serveCommand: Command = {
   summary: 'run the node: the HTTPS OpenAI-compatible API with warm one-shot workers',
   usage: 'phantoma serve [--config FILE] [--gateway.port=N] [--pool.size=N] ...',
   async run(ctx) {
     const config = ctx.config();
+    // The gateway holds plaintext prompts on the plaintext path: no core dumps, no same-uid ptrace.
+    setDumpable(false);
     const logger = createLogger({ level: config.logLevel });
     const node = await startNode(config, { logger });
     // One plain line for operators and scripts: where to connect and what to pin.

@@ -5,6 +5,7 @@ import { encodeMessage, createLineDecoder, type ToWorker, type FromWorker, type 
 import { createLogger } from '../logger.ts';
 import { createLlamaRuntime, loadModelFile, createContext, prepareChatWrapper, generateChat, generateCompletion, type GenerateOptions } from '../models/llama.ts';
 import { isPhantomaError } from '../errors.ts';
+import { setDumpable } from '../native/addon.ts';
 
 export interface WorkerSpec {
   modelName: string;
@@ -28,6 +29,9 @@ async function exit(code: number): Promise<never> {
 }
 
 async function main(): Promise<void> {
+  // First thing: no core dump of, and no same-uid ptrace or /proc/<pid>/mem access to, what this process
+  // will hold. (dumpable resets on execve, so the worker sets it itself.)
+  setDumpable(false);
   const spec = JSON.parse(process.argv[2] ?? '{}') as WorkerSpec;
   const logger = createLogger({ level: spec.logLevel });
   const started = performance.now();

@@ -3,6 +3,7 @@
 // body by schema; every error leaves in OpenAI's shape with a stable code; no log line carries content.
 import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyError } from 'fastify';
 import rateLimit from '@fastify/rate-limit';
+import secureJson from 'secure-json-parse';
 import { randomBytes } from 'node:crypto';
 import type { Logger } from '../logger.ts';
 import type { Config } from '../config/schema.ts';
@@ -105,6 +106,21 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
 
   // The API speaks JSON only; anything else is a 415, not a string that then fails validation.
   app.removeContentTypeParser('text/plain');
+  // Our own JSON parser so the request body buffer, which holds the prompt, is zero-filled as soon as it
+  // is parsed. (V8 strings made from it cannot be wiped; process death and init_on_free are the real
+  // shred, see docs/threat-model.md.) Prototype poisoning is refused as fastify's parser does.
+  app.removeContentTypeParser('application/json');
+  app.addContentTypeParser('application/json', { parseAs: 'buffer', bodyLimit: config.bodyLimitBytes }, (_request, body, done) => {
+    const buf = body as Buffer;
+    try {
+      if (buf.length === 0) throw new SyntaxError('empty body');
+      done(null, secureJson.parse(buf.toString('utf8'), undefined, { protoAction: 'error', constructorAction: 'error' }));
+    } catch {
+      done(new PhantomaError(ERRORS.INVALID_JSON, 'the request body is not valid JSON'), undefined);
+    } finally {
+      buf.fill(0);
+    }
+  });
 
   app.setErrorHandler((err, request, reply) => {
     const e = toPhantomaError(err);
