@@ -18,6 +18,8 @@ import { buildGateway, type ServedModel } from './gateway/app.ts';
 import { createAuditLog, auditDirOf, type AuditLog } from './audit/audit-log.ts';
 import type { AuditEvent } from './audit/audit-events.ts';
 import type { PoolObserver } from './ephemeral/pool.ts';
+import { swapPolicy, type SwapDevice } from './doctor/checks.ts';
+import { probeSwaps } from './doctor/probe.ts';
 
 export interface RunningNode {
   url: string;
@@ -32,6 +34,8 @@ export interface RunningNode {
 
 export interface NodeDeps {
   logger: Logger;
+  /** Reads the host's swap devices (default: /proc/swaps and /sys); undefined when unreadable. */
+  probeSwaps?: () => SwapDevice[] | undefined;
   /** Defaults to plain child processes; the warden backend replaces it (issue 5). */
   backend?: WorkerBackend;
 }
@@ -83,6 +87,12 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
       record({ type: 'worker_ended', workerId, outcome, verified: true, endMs: Math.round(endMs * 1000) / 1000 });
     },
   };
+  // Swap policy: worker memory holds prompts; unencrypted swap could write it to disk. Fail closed.
+  const swaps = (deps.probeSwaps ?? probeSwaps)();
+  const policy = swaps === undefined ? { allowed: false, warning: 'cannot read /proc/swaps' } : swapPolicy(swaps, config.pool.allowUnencryptedSwap);
+  const blocked = policy.allowed ? undefined : new PhantomaError(ERRORS.UNENCRYPTED_SWAP, `workers are not started: ${policy.warning ?? 'unencrypted swap is on'}; turn swap off or encrypt it, or set pool.allowUnencryptedSwap`);
+  if (blocked) log.error({ code: blocked.code }, blocked.message);
+  else if (policy.warning) log.warn({ code: ERRORS.UNENCRYPTED_SWAP.code }, policy.warning);
   const models: ServedModel[] = [];
   for (const name of registry.names()) {
     const resolved = await registry.resolve(name);
@@ -105,6 +115,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
       maxQueue: config.gateway.maxQueue,
       logger: log,
       observer,
+      ...(blocked ? { blocked } : {}),
     });
     models.push({ name, contextLength, pool });
   }

@@ -69,6 +69,7 @@ export const ConfigSchema = Type.Object(
       {
         size: Type.Integer({ minimum: 1, maximum: 64, default: 2, description: 'warm workers kept ready per model' }),
         maxActive: Type.Integer({ minimum: 1, maximum: 64, default: 1, description: 'requests generating at once per model' }),
+        allowUnencryptedSwap: Type.Boolean({ default: false, description: 'start workers even though unencrypted swap is on (worker memory may reach the disk)' }),
       },
       { additionalProperties: false, default: {} },
     ),

@@ -35,6 +35,8 @@ export interface PoolOptions {
   observer?: PoolObserver;
   /** How long a finished worker may take to exit by itself before it is killed. */
   exitGraceMs?: number;
+  /** When set, the pool starts no worker and refuses every request with this error (fail closed). */
+  blocked?: PhantomaError;
 }
 
 export interface JobResult {
@@ -170,7 +172,7 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
   }
 
   function refill(): void {
-    if (closed || backoffTimer) return;
+    if (closed || backoffTimer || opts.blocked) return;
     while (count('starting') + count('ready') < opts.size) spawnOne();
   }
 
@@ -260,6 +262,7 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
       started = true;
     },
     acquire(signal) {
+      if (opts.blocked) return Promise.reject(opts.blocked);
       if (closed) return Promise.reject(new PhantomaError(ERRORS.NOT_READY, 'the node is shutting down'));
       const lease = queue.length === 0 ? takeReady() : undefined;
       if (lease) {
@@ -293,6 +296,7 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
     stats: () => ({ starting: count('starting'), ready: count('ready'), busy: count('busy'), queued: queue.length }),
     notReadyReason() {
       if (closed) return 'shutting down';
+      if (opts.blocked) return opts.blocked.message;
       if (count('ready') > 0 || active > 0) return undefined;
       if (lastStartError) return `model ${opts.spec.modelName}: no worker could start (${lastStartError})`;
       return `model ${opts.spec.modelName}: no warm worker yet (${count('starting')} starting)`;

@@ -124,3 +124,39 @@ t.test('per-key rate limit and concurrency cap: 429 with Retry-After', async (t)
   const other = limited.node.apiKeys!.create('other').key;
   t.equal((await fetch(limited.url + '/v1/models', { headers: { authorization: `Bearer ${other}` } })).status, 200, 'another key has its own budget');
 });
+
+t.test('unencrypted swap: workers are not started and requests get 503 unencrypted_swap, unless allowed', async (t) => {
+  const { startNode } = await import('../../src/main.ts');
+  const { validateConfig } = await import('../../src/config/load.ts');
+  const { createLogger } = await import('../../src/logger.ts');
+  const { mkdtempSync, rmSync } = await import('node:fs');
+  const { tmpdir } = await import('node:os');
+  const { join } = await import('node:path');
+  const swap = [{ path: '/swapfile', type: 'file', sizeKiB: 1024, usedKiB: 0, priority: -2, backing: 'plain' as const, via: 'vda' }];
+  for (const allow of [false, true]) {
+    const state = mkdtempSync(join(tmpdir(), 'phantoma-swap-'));
+    const lines: string[] = [];
+    const cfg = validateConfig({ stateDir: state, cacheDir: join(process.cwd(), '.cache'), gateway: { host: '127.0.0.1', port: 0, metricsPort: 0, tls: 'off', auth: 'none' }, pool: { size: 1, allowUnencryptedSwap: allow }, inference: { threads: 1 } });
+    if (!cfg.ok) throw new Error('bad config');
+    const logger = createLogger({ level: 'info', destination: { write: (s: string) => void lines.push(s) } as never });
+    const node = await startNode(cfg.config, { logger, probeSwaps: () => swap });
+    try {
+      if (!allow) {
+        const ready = await fetch(node.url + '/readyz');
+        t.equal(ready.status, 503);
+        t.match(((await ready.json()) as any).reasons[0], /workers are not started: .*\/swapfile \(plain\)/);
+        const res = await fetch(node.url + '/v1/chat/completions', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ model: 'tiny', messages: [{ role: 'user', content: 'x' }], max_tokens: 2 }) });
+        t.equal(res.status, 503);
+        t.equal(((await res.json()) as any).error.code, 'unencrypted_swap');
+        t.same(node.models[0]!.pool.workers(), [], 'no worker was started');
+        t.ok(lines.some((l) => l.includes('"level":50') && l.includes('unencrypted_swap')), 'logged as an error');
+      } else {
+        await until(() => node.models[0]!.pool.stats().ready === 1, 30_000, 'a worker');
+        t.ok(lines.some((l) => l.includes('"level":40') && l.includes('UNENCRYPTED SWAP IS ON')), 'a loud warning when allowed');
+      }
+    } finally {
+      await node.close();
+      rmSync(state, { recursive: true, force: true });
+    }
+  }
+});
