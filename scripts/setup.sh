@@ -46,6 +46,10 @@ want=$(sha256sum package-lock.json | cut -d' ' -f1)-$PHANTOMA_NODE_VERSION
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   log "npm ci"
   npm ci --omit=optional --no-audit --no-fund --loglevel=error
+  # tap compiles its test class for the plugin set in package.json; do it once here, serially, rather
+  # than racing in parallel test processes later.
+  rm -rf .tap/plugins
+  node_modules/.bin/tap build >/dev/null
   echo "$want" > "$stamp"
 fi
 

@@ -63,7 +63,7 @@ export async function startTestNode(overrides: Record<string, unknown> = {}): Pr
       await node.close();
       rmSync(stateDir, { recursive: true, force: true });
     },
-    async waitReady(timeoutMs = 30_000) {
+    async waitReady(timeoutMs = 60_000) {
       const deadline = Date.now() + timeoutMs;
       for (;;) {
         const full = node.models.every((m) => m.pool.stats().ready >= r.config.pool.size);

@@ -32,14 +32,14 @@ t.test('a client that disconnects cancels its generation and its worker process 
   ac.abort();
   await until(() => !isAlive(pid), 5_000, `worker ${pid} to be gone`);
   t.notOk(isAlive(pid), `worker ${pid} was killed`);
-  await n.waitReady(15_000);
+  await n.waitReady(60_000);
   t.same(pool.stats(), { starting: 0, ready: 2, busy: 0, queued: 0 }, 'the pool refilled');
   const metrics = await (await fetch(n.node.metricsUrl)).text();
   t.match(metrics, /phantoma_workers_ended_total\{model="tiny",outcome="client_closed"\} [1-9]/);
 });
 
 t.test('past the queue bound: 503 queue_full with Retry-After, and the queued request is still served', async (t) => {
-  await n.waitReady(15_000);
+  await n.waitReady(60_000);
   const first = n.post('/v1/chat/completions', long({ max_tokens: 1500 }));
   await busyPid();
   const queued = n.post('/v1/chat/completions', long({ max_tokens: 5 }));
@@ -53,7 +53,7 @@ t.test('past the queue bound: 503 queue_full with Retry-After, and the queued re
 });
 
 t.test('a worker killed mid-request gives a clean 502 worker_failed and the pool recovers', async (t) => {
-  await n.waitReady(15_000);
+  await n.waitReady(60_000);
   const pending = n.post('/v1/chat/completions', long());
   const pid = await busyPid();
   process.kill(pid, 'SIGKILL');
@@ -62,13 +62,13 @@ t.test('a worker killed mid-request gives a clean 502 worker_failed and the pool
   const err = ((await res.json()) as any).error;
   t.equal(err.code, 'worker_failed');
   t.equal(err.type, 'server_error');
-  await n.waitReady(15_000);
+  await n.waitReady(60_000);
   t.same(pool.stats(), { starting: 0, ready: 2, busy: 0, queued: 0 });
   t.equal((await n.post('/v1/chat/completions', long({ max_tokens: 3 }))).status, 200, 'and serves again');
 });
 
 t.test('a killed worker during a stream ends the stream with an error event, then [DONE]', async (t) => {
-  await n.waitReady(15_000);
+  await n.waitReady(60_000);
   const pending = n.post('/v1/chat/completions', long({ stream: true }));
   const pid = await busyPid();
   const res = await pending;
@@ -102,7 +102,7 @@ t.test('a request that runs past the timeout is ended with 504 request_timeout, 
   t.equal(res.status, 504);
   t.equal(((await res.json()) as any).error.code, 'request_timeout');
   t.notOk(isAlive(pidBefore), 'the worker was killed');
-  await slow.waitReady(15_000);
+  await slow.waitReady(60_000);
 });
 
 t.test('per-key rate limit and concurrency cap: 429 with Retry-After', async (t) => {
