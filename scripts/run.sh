@@ -9,7 +9,7 @@ bash scripts/setup.sh
 port=${PHANTOMA_DEMO_PORT:-8443}
 state=.state/demo
 log=$(mktemp)
-settings=(--stateDir="$state" --gateway.host=127.0.0.1 --gateway.port="$port" --gateway.metricsPort=0 --inference.threads=2)
+settings=(--stateDir="$state" --warden.start=true --warden.socket=/run/phantoma/warden.sock --gateway.host=127.0.0.1 --gateway.port="$port" --gateway.metricsPort=0 --inference.threads=2)
 bin/phantoma serve "${settings[@]}" >"$log" 2>"$log.err" &
 node_pid=$!
 cleanup() { kill -TERM "$node_pid" 2>/dev/null && wait "$node_pid" 2>/dev/null; rm -f "$log" "$log.err"; }

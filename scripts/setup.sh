@@ -53,9 +53,13 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# 4. Native parts: the persistent-threadpool preload library for workers.
+# 4. Compiled JavaScript for workers (scripts/build.sh says why).
+bash scripts/build.sh
+
+# 5. Native parts: the persistent-threadpool preload library for workers.
 make -s -C native/threadpool
 make -s -C native/addon
+make -s -C native/warden
 
-# 5. Test models (deterministic, generated from a seed, cached under .cache/models/).
+# 6. Test models (deterministic, generated from a seed, cached under .cache/models/).
 node src/cli/main.ts models ensure --quiet-if-cached tiny

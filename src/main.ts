@@ -9,6 +9,10 @@ import { resolveFromRoot, projectRoot } from './paths.ts';
 import { createModelRegistry } from './models/registry.ts';
 import { readGgufSummary } from './models/gguf-reader.ts';
 import { createProcessBackend } from './ephemeral/process-backend.ts';
+import { createWardenClient } from './ephemeral/warden-client.ts';
+import { createWardenBackend } from './ephemeral/warden-backend.ts';
+import { startWardenProcess, type WardenProcess } from './ephemeral/warden-process.ts';
+import { workerCommand } from './ephemeral/worker-command.ts';
 import type { WorkerBackend } from './ephemeral/backend.ts';
 import { createWorkerPool } from './ephemeral/pool.ts';
 import { createGatewayMetrics } from './gateway/metrics.ts';
@@ -49,6 +53,42 @@ export function threadpoolShimPath(): string {
   return path;
 }
 
+async function startWardenIfConfigured(config: Readonly<Config>, log: Logger): Promise<WardenProcess | undefined> {
+  if (config.workers.backend !== 'warden' || !config.warden.start) return undefined;
+  const cmd = workerCommand();
+  return startWardenProcess({
+    socketPath: config.warden.socket,
+    clientUid: process.getuid!(),
+    cgroupName: config.warden.cgroupName,
+    workerExec: cmd.exec,
+    workerScript: cmd.script,
+    // --disable-warning is for the process backend; under the warden stderr goes nowhere anyway.
+    workerArgs: cmd.flags.filter((f) => !f.startsWith('--disable-warning')),
+    ...(config.inference.persistentThreadpool ? { preload: threadpoolShimPath() } : {}),
+    uidRange: { from: config.warden.uidFrom, to: config.warden.uidTo },
+    memoryMaxBytes: config.workers.memoryMaxBytes,
+    pidsMax: config.workers.pidsMax,
+    tmpfsBytes: config.workers.tmpfsBytes,
+    logger: log,
+  });
+}
+
+async function createBackend(config: Readonly<Config>, stateDir: string, log: Logger): Promise<WorkerBackend> {
+  const cmd = workerCommand();
+  if (config.workers.backend === 'process') {
+    log.warn('workers.backend is "process": workers are NOT isolated (same uid as the gateway, host network and filesystem)');
+    return createProcessBackend({ command: cmd, cwd: stateDir, preload: config.inference.persistentThreadpool ? [threadpoolShimPath()] : [] });
+  }
+  const client = createWardenClient({ socketPath: config.warden.socket });
+  try {
+    const status = await client.ping();
+    log.info({ wardenPid: status.pid, memory: status.memory, pids: status.pids, noswap: status.noswap }, 'warden reachable');
+  } catch (err) {
+    throw new PhantomaError(ERRORS.NOT_READY, `the warden is not reachable at ${config.warden.socket}: ${(err as Error).message}`, { cause: err });
+  }
+  return createWardenBackend({ client, workerExec: cmd.exec, workerScript: cmd.script, uidRange: { from: config.warden.uidFrom, to: config.warden.uidTo }, logger: log });
+}
+
 function hostForUrl(host: string): string {
   return host.includes(':') ? `[${host}]` : host === '0.0.0.0' ? '127.0.0.1' : host;
 }
@@ -63,7 +103,14 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   mkdirSync(stateDir, { recursive: true, mode: 0o700 });
 
   const registry = createModelRegistry({ models: config.models, cacheDir: resolveFromRoot(config.cacheDir) });
-  const backend = deps.backend ?? createProcessBackend({ cwd: stateDir, preload: config.inference.persistentThreadpool ? [threadpoolShimPath()] : [] });
+  const warden = deps.backend ? undefined : await startWardenIfConfigured(config, log);
+  let backend: WorkerBackend;
+  try {
+    backend = deps.backend ?? (await createBackend(config, stateDir, log));
+  } catch (err) {
+    await warden?.stop();
+    throw err;
+  }
   const metrics = createGatewayMetrics();
   const audit = createAuditLog({ dir: auditDirOf(config), maxFileBytes: config.audit.maxFileBytes, maxFiles: config.audit.maxFiles });
   // An audit write that fails (disk full) must not take a request down with it; it is logged loudly.
@@ -81,10 +128,12 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
       record({ type: 'worker_spawned', workerId, model, backend: backend.name });
     },
     workerStartFailed: (model, code) => metrics.poolObserver.workerStartFailed?.(model, code),
-    workerEnded(model, outcome, workerId, endMs) {
-      metrics.poolObserver.workerEnded?.(model, outcome, workerId, endMs);
-      // The process backend can only see the pid is gone; the warden backend verifies the cgroup (issue 5).
-      record({ type: 'worker_ended', workerId, outcome, verified: true, endMs: Math.round(endMs * 1000) / 1000 });
+    workerEnded(model, outcome, workerId, endMs, verified, detail) {
+      metrics.poolObserver.workerEnded?.(model, outcome, workerId, endMs, verified);
+      // The process backend sees the pid gone; the warden verifies the cgroup killed, empty and removed.
+      const ms = Math.round(endMs * 1000) / 1000;
+      record({ type: 'worker_ended', workerId, outcome, verified, endMs: ms });
+      record({ type: 'end_verification', workerId, verified, ms, ...(detail ? { detail } : {}) });
     },
   };
   // Swap policy: worker memory holds prompts; unencrypted swap could write it to disk. Fail closed.
@@ -138,6 +187,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
     await Promise.all(models.map((m) => m.pool.close()));
     await graceful;
     await metricsApp.close();
+    await warden?.stop();
     record({ type: 'node_stopped', reason: 'shutdown' });
     audit.close();
   };

@@ -65,6 +65,28 @@ export const ConfigSchema = Type.Object(
       },
       { additionalProperties: false, default: {} },
     ),
+    workers: Type.Object(
+      {
+        backend: Type.Union([Type.Literal('warden'), Type.Literal('process')], {
+          default: 'warden',
+          description: 'warden: isolated workers (own uid, namespaces, cgroups, tmpfs); process: plain child processes, no isolation',
+        }),
+        memoryMaxBytes: Type.Integer({ minimum: 64 << 20, maximum: 2 ** 40, default: 4 * 2 ** 30, description: 'memory limit per worker (warden)' }),
+        pidsMax: Type.Integer({ minimum: 8, maximum: 65536, default: 128, description: 'process/thread limit per worker (warden)' }),
+        tmpfsBytes: Type.Integer({ minimum: 1 << 20, maximum: 2 ** 36, default: 64 << 20, description: "size of a worker's private tmpfs (warden)" }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    warden: Type.Object(
+      {
+        socket: Type.String({ minLength: 1, default: '/run/phantoma/warden.sock', description: "the warden's unix socket" }),
+        start: Type.Boolean({ default: false, description: 'start the warden as a child of this process (needs root; production runs it as its own unit)' }),
+        cgroupName: Type.String({ pattern: '^[A-Za-z0-9._-]{1,64}$', default: 'phantoma', description: "the warden's cgroup subtree name" }),
+        uidFrom: Type.Integer({ minimum: 1000, maximum: 2 ** 31, default: 61000, description: 'first worker uid' }),
+        uidTo: Type.Integer({ minimum: 1000, maximum: 2 ** 31, default: 61999, description: 'last worker uid' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
     pool: Type.Object(
       {
         size: Type.Integer({ minimum: 1, maximum: 64, default: 2, description: 'warm workers kept ready per model' }),

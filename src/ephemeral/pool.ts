@@ -12,7 +12,8 @@ export type WorkerState = 'starting' | 'ready' | 'busy';
 export interface PoolObserver {
   workerStarted?(model: string, ms: number, workerId: string): void;
   workerStartFailed?(model: string, code: string): void;
-  workerEnded?(model: string, outcome: JobOutcome, workerId: string, endMs: number): void;
+  /** verified: the backend confirmed the worker is gone (the warden: cgroup killed, empty, removed). */
+  workerEnded?(model: string, outcome: JobOutcome, workerId: string, endMs: number, verified: boolean, detail?: string): void;
 }
 
 export type JobOutcome = 'ok' | 'refused' | 'timeout' | 'client_closed' | 'worker_failed' | 'unused';
@@ -186,8 +187,10 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
         }
         const endStart = performance.now();
         await w.handle.kill();
+        const end = w.handle.endResult ? await w.handle.endResult.catch(() => ({ verified: false, ms: null, error: 'no_answer' })) : undefined;
         active--;
-        opts.observer?.workerEnded?.(opts.spec.modelName, outcome, w.handle.id, performance.now() - endStart);
+        if (end && !end.verified) log.error({ workerId: w.handle.id, error: end.error }, 'worker end NOT verified');
+        opts.observer?.workerEnded?.(opts.spec.modelName, outcome, w.handle.id, end?.ms ?? performance.now() - endStart, end ? end.verified : true, end?.error);
         dispatch();
         refill();
       })();

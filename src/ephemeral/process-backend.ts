@@ -3,13 +3,11 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { setPriority } from 'node:os';
-import { fileURLToPath } from 'node:url';
 import type { WorkerBackend, WorkerHandle, WorkerExit } from './backend.ts';
-
-const WORKER_MAIN = fileURLToPath(new URL('./worker-main.ts', import.meta.url));
+import type { WorkerCommand } from './worker-command.ts';
 
 export interface ProcessBackendDeps {
-  nodePath?: string;
+  command: WorkerCommand;
   cwd: string;
   /** Shared libraries preloaded into each worker (the persistent-threadpool shim). */
   preload?: readonly string[];
@@ -21,7 +19,7 @@ export function createProcessBackend(deps: ProcessBackendDeps): WorkerBackend {
     name: 'process',
     spawn(spec, opts): WorkerHandle {
       const id = randomBytes(8).toString('hex');
-      const child = spawn(deps.nodePath ?? process.execPath, ['--disable-warning=ExperimentalWarning', WORKER_MAIN, JSON.stringify(spec)], {
+      const child = spawn(deps.command.exec, [...deps.command.flags, deps.command.script, JSON.stringify(spec)], {
         cwd: deps.cwd,
         stdio: ['pipe', 'pipe', 'pipe'],
         // Only what the worker needs: no credentials, proxies or tokens from the gateway's environment.

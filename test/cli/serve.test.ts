@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { ROOT, runPhantoma } from '../helpers.ts';
 
 const state = mkdtempSync(join(tmpdir(), 'phantoma-serve-'));
-const settings = [`--stateDir=${state}`, '--gateway.host=127.0.0.1', '--gateway.port=0', '--gateway.metricsPort=0', '--inference.threads=1', '--pool.size=1', '--gateway.shutdownGraceMs=10000'];
+const settings = [`--stateDir=${state}`, '--warden.start=true', `--warden.socket=${join(state, 'warden.sock')}`, `--warden.cgroupName=phantoma-serve-test-${process.pid}`, '--gateway.host=127.0.0.1', '--gateway.port=0', '--gateway.metricsPort=0', '--inference.threads=1', '--pool.size=1', '--gateway.shutdownGraceMs=10000'];
 
 const server = spawn(join(ROOT, 'bin', 'phantoma'), ['serve', '--json', ...settings], { stdio: ['ignore', 'pipe', 'pipe'] });
 let serverErr = '';
@@ -86,8 +86,10 @@ t.test('SIGTERM drains a request in flight, then the node exits 0 and leaves no 
     if (/phantoma_pool_workers\{model="tiny",state="busy"\} 1/.test(m)) break;
     await new Promise((r) => setTimeout(r, 50));
   }
-  const children = readFileSync(`/proc/${server.pid}/task/${server.pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
-  t.ok(children.length >= 1, `the node has worker processes (${children})`);
+  const childrenOf = (pid: number): number[] => readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
+  // The node's children: its warden; the warden's children: the isolated workers.
+  const children = childrenOf(server.pid!).flatMap((c) => [c, ...childrenOf(c)]);
+  t.ok(children.length >= 2, `the node has a warden and worker processes (${children})`);
   server.kill('SIGTERM');
   const answered = await inFlight;
   t.equal(answered.code, 0, `the request in flight finished: ${answered.stderr}`);

@@ -29,6 +29,8 @@ export function deepMerge(a: Record<string, unknown>, b: Record<string, unknown>
   return out;
 }
 
+let nodeCounter = 0;
+
 export async function startTestNode(overrides: Record<string, unknown> = {}): Promise<TestNode> {
   const stateDir = mkdtempSync(join(tmpdir(), 'phantoma-node-'));
   const base = {
@@ -37,6 +39,9 @@ export async function startTestNode(overrides: Record<string, unknown> = {}): Pr
     cacheDir: join(ROOT, '.cache'),
     gateway: { host: '127.0.0.1', port: 0, metricsPort: 0, tls: 'off', auth: 'api-keys', shutdownGraceMs: 2000 },
     pool: { size: 2, maxActive: 1 },
+    // Real isolated workers: each test node starts its own warden (tests run as root) in its own subtree.
+    workers: { backend: 'warden', memoryMaxBytes: 1 << 30 },
+    warden: { start: true, socket: join(stateDir, 'warden.sock'), cgroupName: `phantoma-test-${process.pid}-${++nodeCounter}` },
     // One thread: on this 2-core machine the tiny model decodes ~15x faster with 1 than with 2.
     inference: { threads: 1, contextSize: 2048 },
   };

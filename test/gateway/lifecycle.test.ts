@@ -136,7 +136,7 @@ t.test('unencrypted swap: workers are not started and requests get 503 unencrypt
   for (const allow of [false, true]) {
     const state = mkdtempSync(join(tmpdir(), 'phantoma-swap-'));
     const lines: string[] = [];
-    const cfg = validateConfig({ stateDir: state, cacheDir: join(process.cwd(), '.cache'), gateway: { host: '127.0.0.1', port: 0, metricsPort: 0, tls: 'off', auth: 'none' }, pool: { size: 1, allowUnencryptedSwap: allow }, inference: { threads: 1 } });
+    const cfg = validateConfig({ stateDir: state, cacheDir: join(process.cwd(), '.cache'), gateway: { host: '127.0.0.1', port: 0, metricsPort: 0, tls: 'off', auth: 'none' }, pool: { size: 1, allowUnencryptedSwap: allow }, inference: { threads: 1 }, workers: { backend: 'process' } });
     if (!cfg.ok) throw new Error('bad config');
     const logger = createLogger({ level: 'info', destination: { write: (s: string) => void lines.push(s) } as never });
     const node = await startNode(cfg.config, { logger, probeSwaps: () => swap });

@@ -1,0 +1,41 @@
+// How a worker process is started, whichever backend starts it: the pinned Node runtime, V8 flags that
+// keep a one-shot process small, and the compiled worker entry (dist/, made by scripts/build.sh).
+import { existsSync, statSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { projectRoot } from '../paths.ts';
+import { PhantomaError, ERRORS } from '../errors.ts';
+
+/**
+ * A worker lives for one request: a 1 MiB young generation and one GC helper thread cost nothing there
+ * and save ~13 MiB of memory per warm worker (measured: 52 → 39 MiB for Node plus our imports).
+ */
+export const WORKER_NODE_FLAGS = ['--max-semi-space-size=1', '--v8-pool-size=1', '--disable-warning=ExperimentalWarning'] as const;
+
+export interface WorkerCommand {
+  exec: string;
+  flags: readonly string[];
+  script: string;
+}
+
+function newestMtime(dir: string): number {
+  let newest = 0;
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    const p = join(dir, e.name);
+    newest = Math.max(newest, e.isDirectory() ? newestMtime(p) : statSync(p).mtimeMs);
+  }
+  return newest;
+}
+
+/** The compiled worker; refuses a dist/ older than src/ (a stale worker would run old code silently). */
+export function workerCommand(): WorkerCommand {
+  const root = projectRoot();
+  const script = join(root, 'dist', 'src', 'ephemeral', 'worker-main.js');
+  const stamp = join(root, 'dist', '.build-stamp');
+  if (!existsSync(script) || !existsSync(stamp)) {
+    throw new PhantomaError(ERRORS.CONFIG_INVALID, `the compiled worker ${script} is missing: run scripts/setup.sh (or scripts/build.sh)`);
+  }
+  if (newestMtime(join(root, 'src')) > statSync(stamp).mtimeMs) {
+    throw new PhantomaError(ERRORS.CONFIG_INVALID, 'dist/ is older than src/: run scripts/build.sh so workers run the current code');
+  }
+  return { exec: process.execPath, flags: WORKER_NODE_FLAGS, script };
+}
