@@ -40,6 +40,7 @@ const warden = await startWardenProcess({
   workerExec: process.execPath,
   workerScript: script,
   workerArgs: [],
+  expose: [],
   uidRange: { from: 61000, to: 61999 },
   memoryMaxBytes: 256 << 20,
   pidsMax: 64,

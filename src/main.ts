@@ -2,7 +2,7 @@
 // `phantoma serve` calls startNode; tests call it too, on port 0.
 import { mkdirSync, existsSync } from 'node:fs';
 import { PhantomaError, ERRORS } from './errors.ts';
-import { join } from 'node:path';
+import { join, dirname } from 'node:path';
 import type { Config } from './config/schema.ts';
 import type { Logger } from './logger.ts';
 import { resolveFromRoot, projectRoot } from './paths.ts';
@@ -53,9 +53,12 @@ export function threadpoolShimPath(): string {
   return path;
 }
 
-async function startWardenIfConfigured(config: Readonly<Config>, log: Logger): Promise<WardenProcess | undefined> {
+async function startWardenIfConfigured(config: Readonly<Config>, log: Logger, modelPaths: readonly string[]): Promise<WardenProcess | undefined> {
   if (config.workers.backend !== 'warden' || !config.warden.start) return undefined;
   const cmd = workerCommand();
+  // The project (runtime, compiled worker, native parts, model cache) and every model's directory stay
+  // visible to workers even when they lie under a path the worker's view masks (a checkout in /tmp).
+  const expose = [...new Set([projectRoot(), ...modelPaths.map((p) => dirname(p))])];
   return startWardenProcess({
     socketPath: config.warden.socket,
     clientUid: process.getuid!(),
@@ -69,6 +72,7 @@ async function startWardenIfConfigured(config: Readonly<Config>, log: Logger): P
     memoryMaxBytes: config.workers.memoryMaxBytes,
     pidsMax: config.workers.pidsMax,
     tmpfsBytes: config.workers.tmpfsBytes,
+    expose,
     logger: log,
   });
 }
@@ -103,7 +107,9 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   mkdirSync(stateDir, { recursive: true, mode: 0o700 });
 
   const registry = createModelRegistry({ models: config.models, cacheDir: resolveFromRoot(config.cacheDir) });
-  const warden = deps.backend ? undefined : await startWardenIfConfigured(config, log);
+  const modelPaths: string[] = [];
+  for (const name of registry.names()) modelPaths.push((await registry.resolve(name)).path);
+  const warden = deps.backend ? undefined : await startWardenIfConfigured(config, log, modelPaths);
   let backend: WorkerBackend;
   try {
     backend = deps.backend ?? (await createBackend(config, stateDir, log));

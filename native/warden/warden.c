@@ -63,6 +63,7 @@
 static const char *WORKER_ENV[] = {"PATH=/usr/bin:/bin", "HOME=/tmp", "TMPDIR=/tmp", "LANG=C.UTF-8",
                                    "NODE_LLAMA_CPP_SKIP_DOWNLOAD=true", NULL /* LD_PRELOAD= when configured */, NULL};
 #define MAX_PRE_ARGS 8
+#define MAX_EXPOSE 8
 
 /* ---------- configuration ---------- */
 static struct {
@@ -80,6 +81,10 @@ static struct {
   const char *pre_args[MAX_PRE_ARGS];
   int n_pre_args;
   char preload_env[PATH_MAX + 16];
+  /* Directories the worker must see (read-only) even when they lie under a path its view masks, e.g. a
+   * project checked out under /tmp or /root: the runtime, the compiled worker, the models. */
+  const char *expose[MAX_EXPOSE];
+  int n_expose;
 } cfg = {.memory_max = 2ULL << 30, .tmpfs_size = 64ULL << 20, .pids_max = 256};
 
 /* One entry per cgroup hierarchy the warden uses: v2 always; v1 memory/pids only where v2 lacks them. */
@@ -454,7 +459,40 @@ static void child_fail(int sync, const char *stage) {
 static int hide(const char *path) {
   struct stat st;
   if (lstat(path, &st) || !S_ISDIR(st.st_mode)) return 0;
-  return mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555");
+  /* Writable for now: an exposed directory below may need its mount point created; made read-only
+   * again (seal_hidden) before the worker runs. */
+  return mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755");
+}
+
+static int seal_hidden(const char *path) {
+  struct stat st;
+  if (lstat(path, &st) || !S_ISDIR(st.st_mode)) return 0;
+  return mount(NULL, path, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755");
+}
+
+static int mkdir_p(const char *path) {
+  char b[PATH_MAX];
+  if (snprintf(b, sizeof b, "%s", path) >= (int)sizeof b) return -1;
+  for (char *q = b + 1; *q; q++) {
+    if (*q != '/') continue;
+    *q = 0;
+    if (mkdir(b, 0755) && errno != EEXIST) return -1;
+    *q = '/';
+  }
+  return mkdir(b, 0755) && errno != EEXIST ? -1 : 0;
+}
+
+/* Re-exposes a directory that a mask now covers: bind the original (held open since before the masks)
+ * onto the same path, read-only. A directory that is still visible as itself is left alone. */
+static int expose(const char *path, int fd) {
+  struct stat orig, now;
+  if (fstat(fd, &orig)) return -1;
+  if (stat(path, &now) == 0 && now.st_dev == orig.st_dev && now.st_ino == orig.st_ino) return 0;
+  char src[64];
+  snprintf(src, sizeof src, "/proc/self/fd/%d", fd);
+  if (mkdir_p(path) || mount(src, path, NULL, MS_BIND | MS_REC, NULL)) return -1;
+  struct mount_attr ro = {.attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID};
+  return (int)syscall(SYS_mount_setattr, AT_FDCWD, path, AT_RECURSIVE, &ro, sizeof ro);
 }
 
 static void __attribute__((noreturn))
@@ -485,6 +523,11 @@ child_main(const char *id, uid_t uid, gid_t gid, int nice_, char **argv, int con
   if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL)) child_fail(sync, "mount private");
   struct mount_attr attr = {.attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID};
   if (syscall(SYS_mount_setattr, AT_FDCWD, "/", AT_RECURSIVE, &attr, sizeof attr)) child_fail(sync, "mount_setattr rdonly");
+  /* Hold the exposed directories before anything masks them (opened in this namespace, so they can be
+   * bind-mounted back below). */
+  int xfd[MAX_EXPOSE];
+  for (int i = 0; i < cfg.n_expose; i++)
+    if ((xfd[i] = open(cfg.expose[i], O_PATH | O_DIRECTORY | O_CLOEXEC)) < 0) child_fail(sync, "open exposed dir");
   /* A fresh sysfs: the host's one shows the host's interfaces (sysfs follows the netns of its mounter)
    * and the whole cgroup tree. */
   if (mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL)) child_fail(sync, "mount sysfs");
@@ -505,6 +548,10 @@ child_main(const char *id, uid_t uid, gid_t gid, int nice_, char **argv, int con
     if (mkdir("/tmp/.shm", 01777) || chmod("/tmp/.shm", 01777)) child_fail(sync, "mkdir shm");
     if (mount("/tmp/.shm", "/dev/shm", NULL, MS_BIND, NULL)) child_fail(sync, "bind shm");
   }
+  for (int i = 0; i < cfg.n_expose; i++)
+    if (expose(cfg.expose[i], xfd[i])) child_fail(sync, "expose dir");
+  for (size_t i = 0; i < sizeof hidden / sizeof *hidden; i++)
+    if (seal_hidden(hidden[i])) child_fail(sync, "seal hidden");
 
   /* 5. Limits. Memory and pids are the cgroup's; no core file may ever hold a prompt. */
   struct rlimit core = {0, 0}, nofile = {1024, 4096};
@@ -842,7 +889,7 @@ static void usage(const char *why) {
   fprintf(stderr,
           "phantoma-warden: %s\nusage: phantoma-warden --socket PATH --client-uid UID --cgroup-name NAME --worker-exec ABSPATH "
           "--worker-script ABSPATH --uid-range FROM-TO [--memory-max BYTES] [--pids-max N] [--tmpfs-size BYTES] [--worker-arg ARG]... "
-          "[--worker-preload ABSPATH] [--exit-with-parent]\n",
+          "[--worker-preload ABSPATH] [--expose ABSDIR]... [--exit-with-parent]\n",
           why);
   exit(2);
 }
@@ -864,6 +911,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(k, "--worker-exec")) cfg.worker_exec = val;
     else if (!strcmp(k, "--worker-script")) cfg.worker_script = val;
     else if (!strcmp(k, "--worker-arg") && cfg.n_pre_args < MAX_PRE_ARGS && val[0] == '-' && strlen(val) < 256) cfg.pre_args[cfg.n_pre_args++] = val;
+    else if (!strcmp(k, "--expose") && cfg.n_expose < MAX_EXPOSE && val[0] == '/' && strlen(val) < PATH_MAX - 1 && !strstr(val, "/../") && strcmp(val, "/"))
+      cfg.expose[cfg.n_expose++] = val;
     else if (!strcmp(k, "--worker-preload") && val[0] == '/' && strlen(val) < PATH_MAX && !strchr(val, ':') && !strchr(val, ' ')) {
       snprintf(cfg.preload_env, sizeof cfg.preload_env, "LD_PRELOAD=%s", val);
       WORKER_ENV[5] = cfg.preload_env;

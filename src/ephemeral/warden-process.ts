@@ -16,6 +16,8 @@ export interface WardenProcessOptions {
   workerScript: string;
   workerArgs: readonly string[];
   preload?: string;
+  /** Directories workers must see read-only even under a masked path (/tmp, /root, /home, /run). */
+  expose: readonly string[];
   uidRange: { from: number; to: number };
   memoryMaxBytes: number;
   pidsMax: number;
@@ -48,6 +50,7 @@ export async function startWardenProcess(o: WardenProcessOptions): Promise<Warde
     '--tmpfs-size', String(o.tmpfsBytes),
     ...o.workerArgs.flatMap((a) => ['--worker-arg', a]),
     ...(o.preload ? ['--worker-preload', o.preload] : []),
+    ...o.expose.flatMap((d) => ['--expose', d]),
   ];
   const log = o.logger.child({ component: 'warden' });
   const proc: ChildProcess = spawn(wardenBinaryPath(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
