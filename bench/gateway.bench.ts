@@ -7,6 +7,9 @@
 // model (LLAMA_SERVER=/path/to/llama-server). Only loopback traffic. Prints a table and writes JSON.
 //
 // Run: . scripts/env.sh && node bench/gateway.bench.ts [--iterations N] [--max-tokens N] [--model bench|tiny]
+// llama-server for the comparison can be built offline from the llama.cpp source that node-llama-cpp ships
+// (node_modules/node-llama-cpp/llama/gitRelease.bundle: git clone it, cmake --build --target llama-server);
+// its prompt cache is turned off per request so it does the same work as a one-shot worker.
 import { parseArgs } from 'node:util';
 import { readFileSync, mkdirSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -181,7 +184,7 @@ const arms: Record<string, () => Promise<Sample>> = {
     await waitFull(withoutShim.node, 2);
     return s;
   },
-  ...(llamaServer ? { 'llama-server': () => streamChat(llamaServer!.url + '/v1/chat/completions', { headers: {} }, { ...chatBody, model: undefined }) } : {}),
+  ...(llamaServer ? { 'llama-server': () => streamChat(llamaServer!.url + '/v1/chat/completions', { headers: {} }, { ...chatBody, model: undefined, cache_prompt: false }) } : {}),
 };
 const samples: Record<string, Sample[]> = Object.fromEntries(Object.keys(arms).map((k) => [k, []]));
 for (const fn of Object.values(arms)) await fn(); // warm-up: JIT, page cache, TLS session

@@ -124,7 +124,8 @@ async function startWarden(o: { name?: string; exec?: string; script?: string; m
   const name = o.name ?? `phantoma-test-${RUN}-${Math.random().toString(36).slice(2, 8)}`;
   const socketPath = join(sockDir, `${name}.sock`);
   const args = ['--exit-with-parent', '--socket', socketPath, '--client-uid', '0', '--cgroup-name', name, '--worker-exec', o.exec ?? NODE, '--worker-script', o.script ?? PROBE];
-  args.push('--uid-range', `${UIDS.from}-${UIDS.to}`, ...(o.memoryMax ? ['--memory-max', String(o.memoryMax)] : []), ...(o.extra ?? []));
+  // The checkout may sit under a path workers do not see (/tmp, /root): keep it visible, read-only.
+  args.push('--expose', ROOT, '--uid-range', `${UIDS.from}-${UIDS.to}`, ...(o.memoryMax ? ['--memory-max', String(o.memoryMax)] : []), ...(o.extra ?? []));
   const proc = spawn(WARDEN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   const log: string[] = [];
   createInterface({ input: proc.stderr! }).on('line', (l) => log.push(l));
