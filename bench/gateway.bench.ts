@@ -85,6 +85,7 @@ async function runInProcess(): Promise<Sample> {
 }
 
 // ---- B: a real node over HTTPS ----
+let benchNodes = 0;
 async function startBenchNode(poolSize: number, persistentThreadpool: boolean): Promise<{ node: RunningNode; key: string; dispatcher: Agent; state: string }> {
   const state = mkdtempSync(join(tmpdir(), 'phantoma-bench-'));
   const r = validateConfig({
@@ -96,6 +97,8 @@ async function startBenchNode(poolSize: number, persistentThreadpool: boolean): 
     gateway: { host: '127.0.0.1', port: 0, metricsPort: 0, tls: 'self-signed', requestTimeoutMs: 600_000 },
     pool: { size: poolSize, maxActive: 1 },
     inference: { threads: THREADS, contextSize: CONTEXT, persistentThreadpool },
+    // The real path: isolated workers from a warden this benchmark starts (root).
+    warden: { start: true, socket: join(state, 'warden.sock'), cgroupName: `phantoma-bench-${process.pid}-${++benchNodes}` },
   });
   if (!r.ok) throw new Error(JSON.stringify(r.issues));
   const node = await startNode(r.config, { logger });
@@ -167,6 +170,8 @@ if (process.env.LLAMA_SERVER) {
     await new Promise((r) => setTimeout(r, 200));
   }
   llamaServer = { proc, url };
+  // Never leave it running, whatever happens to this benchmark.
+  process.on('exit', () => proc.kill('SIGKILL'));
 }
 
 // ---- the alternating runs ----
@@ -194,14 +199,38 @@ for (let i = 0; i < ITERATIONS; i++) {
 }
 
 // ---- pool memory: PSS of 4 warm workers against 1 ----
-function pssKb(pid: number): number {
-  const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
-  return Number(m?.[1] ?? NaN);
+/**
+ * Memory of a set of workers with shared pages counted once: each worker's PSS without the model
+ * mapping, plus the model's resident pages once. (Plain PSS would also divide the model among every other
+ * process that maps it — this benchmark's own in-process baseline included.)
+ */
+function poolMemoryKb(pids: number[]): number {
+  let rest = 0;
+  let model = 0;
+  for (const pid of pids) {
+    let inModel = false;
+    let modelRss = 0;
+    let modelPss = 0;
+    let total = 0;
+    for (const line of readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
+      if (/^[0-9a-f]+-[0-9a-f]+ /.test(line)) inModel = line.endsWith('.gguf');
+      const rss = /^Rss:\s+(\d+) kB/.exec(line);
+      const pss = /^Pss:\s+(\d+) kB/.exec(line);
+      if (rss && inModel) modelRss += Number(rss[1]);
+      if (pss) {
+        total += Number(pss[1]);
+        if (inModel) modelPss += Number(pss[1]);
+      }
+    }
+    rest += total - modelPss;
+    model = Math.max(model, modelRss);
+  }
+  return rest + model;
 }
 async function poolPss(size: number): Promise<number> {
   const b = await startBenchNode(size, true);
   await new Promise((r) => setTimeout(r, 500));
-  const total = b.node.models[0]!.pool.workers().reduce((sum, w) => sum + pssKb(w.pid!), 0);
+  const total = poolMemoryKb(b.node.models[0]!.pool.workers().map((w) => w.pid!));
   await b.node.close();
   await b.dispatcher.close();
   rmSync(b.state, { recursive: true, force: true });
@@ -242,7 +271,7 @@ console.log('|---|---|---|---|---|');
 for (const [k, a] of Object.entries(report.arms)) {
   console.log(`| ${k} | ${a.totalMsP50.toFixed(1)} | ${a.addedMsP50.toFixed(1)} / ${a.addedMsP95.toFixed(1)} | ${a.ttftMsP50.toFixed(1)} (${a.ttftRatio.toFixed(2)}×) | ${a.decodeTpsP50.toFixed(2)} (${a.decodeRatio.toFixed(2)}×) |`);
 }
-console.log(`\npool memory (PSS): 1 warm worker ${report.poolMemory.pss1WorkerMiB.toFixed(0)} MiB, 4 warm workers ${report.poolMemory.pss4WorkersMiB.toFixed(0)} MiB: ${report.poolMemory.ratio.toFixed(2)}×`);
+console.log(`\npool memory (PSS, model pages once): 1 warm worker ${report.poolMemory.pss1WorkerMiB.toFixed(0)} MiB, 4 warm workers ${report.poolMemory.pss4WorkersMiB.toFixed(0)} MiB: ${report.poolMemory.ratio.toFixed(2)}×`);
 mkdirSync(join(root, 'bench', 'results'), { recursive: true });
 writeFileSync(join(root, 'bench', 'results', `gateway-${values.model}.json`), JSON.stringify(report, null, 2) + '\n');
 
