@@ -198,6 +198,8 @@ for (let i = 0; i < ITERATIONS; i++) {
   process.stderr.write(`iteration ${i + 1}/${ITERATIONS}\n`);
 }
 
+process.stderr.write(`timings: ${JSON.stringify(Object.fromEntries(Object.entries(samples).map(([k, v]) => [k, { totalMsP50: quantile(v.map((x) => x.totalMs), 0.5), ttftMsP50: quantile(v.map((x) => x.ttftMs), 0.5), decodeTpsP50: quantile(v.map((x) => x.decodeTps), 0.5) }])))}\n`);
+
 // ---- pool memory: PSS of 4 warm workers against 1 ----
 /**
  * Memory of a set of workers with shared pages counted once: each worker's PSS without the model

@@ -203,9 +203,15 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
       run(job, run) {
         return new Promise<JobResult>((resolve, reject) => {
           let settled = false;
+          // The job (prompt included) goes out as a Buffer of our own, zero-filled once the job is over
+          // (not on the write callback: a backend may still be passing the same Buffer along then).
+          const text = encodeMessage(job);
+          const jobBytes = Buffer.alloc(Buffer.byteLength(text));
+          jobBytes.write(text);
           const finish = (outcome: JobOutcome, err: unknown, result?: JobResult): void => {
             if (settled) return;
             settled = true;
+            jobBytes.fill(0);
             clearTimeout(timer);
             run.signal?.removeEventListener('abort', onAbort);
             w.onMessage = undefined;
@@ -230,7 +236,7 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
               details: { exitCode: exit.code, signal: exit.signal, ...(w.protocolError ? { protocol: w.protocolError } : {}) },
             }));
           });
-          w.handle.stdin.write(encodeMessage(job));
+          w.handle.stdin.write(jobBytes);
         });
       },
     };

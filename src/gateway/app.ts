@@ -109,17 +109,52 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
   // Our own JSON parser so the request body buffer, which holds the prompt, is zero-filled as soon as it
   // is parsed. (V8 strings made from it cannot be wiped; process death and init_on_free are the real
   // shred, see docs/threat-model.md.) Prototype poisoning is refused as fastify's parser does.
+  // The body is collected chunk by chunk (Node's HTTP parser hands over a fresh Buffer per chunk) so
+  // every chunk, and the joined copy, can be zero-filled.
   app.removeContentTypeParser('application/json');
-  app.addContentTypeParser('application/json', { parseAs: 'buffer', bodyLimit: config.bodyLimitBytes }, (_request, body, done) => {
-    const buf = body as Buffer;
-    try {
-      if (buf.length === 0) throw new SyntaxError('empty body');
-      done(null, secureJson.parse(buf.toString('utf8'), undefined, { protoAction: 'error', constructorAction: 'error' }));
-    } catch {
-      done(new PhantomaError(ERRORS.INVALID_JSON, 'the request body is not valid JSON'), undefined);
-    } finally {
-      buf.fill(0);
+  app.addContentTypeParser('application/json', (request, payload, done) => {
+    const limit = config.bodyLimitBytes;
+    const tooLarge = (): PhantomaError => new PhantomaError(ERRORS.REQUEST_TOO_LARGE, 'the request body is too large');
+    if (Number(request.headers['content-length'] ?? 0) > limit) {
+      payload.resume();
+      done(tooLarge(), undefined);
+      return;
     }
+    const chunks: Buffer[] = [];
+    let size = 0;
+    let failed = false;
+    const wipe = (): void => {
+      for (const c of chunks) c.fill(0);
+      chunks.length = 0;
+    };
+    payload.on('data', (chunk: Buffer) => {
+      if (failed) return void chunk.fill(0);
+      size += chunk.length;
+      chunks.push(chunk);
+      if (size > limit) {
+        failed = true;
+        wipe();
+        done(tooLarge(), undefined);
+      }
+    });
+    payload.on('error', (err) => {
+      wipe();
+      if (!failed) done(err, undefined);
+      failed = true;
+    });
+    payload.on('end', () => {
+      if (failed) return;
+      const joined = Buffer.concat(chunks, size);
+      wipe();
+      try {
+        if (joined.length === 0) throw new SyntaxError('empty body');
+        done(null, secureJson.parse(joined.toString('utf8'), undefined, { protoAction: 'error', constructorAction: 'error' }));
+      } catch {
+        done(new PhantomaError(ERRORS.INVALID_JSON, 'the request body is not valid JSON'), undefined);
+      } finally {
+        joined.fill(0);
+      }
+    });
   });
 
   app.setErrorHandler((err, request, reply) => {
@@ -143,12 +178,20 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
     const route = request.routeOptions.url ?? 'unmatched';
     metrics.requests.inc({ route, status: String(reply.statusCode) });
     request.log.info({ method: request.method, route, status: reply.statusCode, ms: Math.round(reply.elapsedTime), ...request.logFields }, 'request');
-    const event = deps.audit && request.url.startsWith('/v1/') ? auditEventFor(request, route, reply.statusCode, reply.elapsedTime) : undefined;
-    if (event) deps.audit!(event);
   });
 
   // Authentication: every /v1 route needs a valid, unrevoked API key unless auth is explicitly off.
-  app.addHook('onRequest', async (request) => {
+  app.addHook('onRequest', async (request, reply) => {
+    // Audited when the connection closes, which also covers clients that went away mid-stream (then no
+    // onResponse runs).
+    if (deps.audit && request.url.startsWith('/v1/')) {
+      reply.raw.once('close', () => {
+        // Closed before the response was complete: the client went away, whatever else is known yet.
+        if (!reply.raw.writableFinished && request.logFields?.code === undefined) request.logFields = { ...request.logFields, code: ERRORS.CLIENT_CLOSED.code };
+        const event = auditEventFor(request, request.routeOptions.url ?? 'unmatched', reply.statusCode, reply.elapsedTime);
+        if (event) deps.audit!(event);
+      });
+    }
     if (!request.url.startsWith('/v1/') || config.auth === 'none') return;
     const header = request.headers.authorization;
     const presented = header?.startsWith('Bearer ') ? header.slice(7).trim() : undefined;
