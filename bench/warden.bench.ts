@@ -58,13 +58,15 @@ for (let i = 0; i < SPAWNS; i++) {
   const t0 = performance.now();
   const w = await client.spawn({ id, uid: 61000 + (i % 500), gid: 61000 + (i % 500), nice: 0, exec: process.execPath, args: [script] });
   const t1 = performance.now();
-  if (w.head.length === 0) await new Promise<void>((resolve) => w.stdio.once('data', () => resolve()));
+  // First byte from the isolated worker (bounded: the bytes may already have come with the reply header).
+  if (w.head.length === 0) await Promise.race([new Promise<void>((resolve) => w.stdio.once('data', () => resolve())), new Promise<void>((r) => setTimeout(r, 3000))]);
   const t2 = performance.now();
   const end = await client.end(id);
   const t3 = performance.now();
   spawnMs.push(t1 - t0);
   firstByteMs.push(t2 - t0);
   endClientMs.push(t3 - t2);
+  process.stderr.write(`spawn ${i + 1}/${SPAWNS}\n`);
   endWardenMs.push(end.ms);
   if (!end.verified) unverified++;
   w.stdio.destroy();
