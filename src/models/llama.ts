@@ -134,6 +134,10 @@ function finishReasonOf(stopReason: string): FinishReason {
   return stopReason === 'maxTokens' ? 'length' : stopReason === 'abort' ? 'abort' : 'stop';
 }
 
+function resultOf(text: string, stopReason: string, tokens: number[], promptTokens: number): GenerateResult {
+  return { text, tokens, promptTokens, completionTokens: tokens.length, finishReason: finishReasonOf(stopReason) };
+}
+
 /**
  * Resolves the model's chat wrapper once. node-llama-cpp does this on every LlamaChat by default, which
  * costs 300-450 ms here (it renders the Jinja template against its known formats): a worker does it while
@@ -156,13 +160,7 @@ export async function generateChat(context: LlamaContext, messages: readonly Cha
     const promptTokens = chat.chatWrapper.generateContextState({ chatHistory: history }).contextText.tokenize(context.model.tokenizer).length;
     assertFits(promptTokens, opts.maxTokens, context.contextSize);
     const res = await chat.generateResponse(history, samplingOptions(opts, tokens));
-    return {
-      text: res.response,
-      tokens,
-      promptTokens: sequence.tokenMeter.usedInputTokens,
-      completionTokens: tokens.length,
-      finishReason: finishReasonOf(res.metadata.stopReason),
-    };
+    return resultOf(res.response, res.metadata.stopReason, tokens, sequence.tokenMeter.usedInputTokens);
   } finally {
     chat.dispose();
   }
@@ -176,13 +174,7 @@ export async function generateCompletion(context: LlamaContext, prompt: string, 
   try {
     assertFits(context.model.tokenize(prompt).length, opts.maxTokens, context.contextSize);
     const res = await completion.generateCompletionWithMeta(prompt, samplingOptions(opts, tokens));
-    return {
-      text: res.response,
-      tokens,
-      promptTokens: sequence.tokenMeter.usedInputTokens,
-      completionTokens: tokens.length,
-      finishReason: finishReasonOf(res.metadata.stopReason),
-    };
+    return resultOf(res.response, res.metadata.stopReason, tokens, sequence.tokenMeter.usedInputTokens);
   } finally {
     completion.dispose();
   }
