@@ -525,7 +525,10 @@ t.test('the node counted what happened: served, timed out, cancelled, killed', a
   const ended = (outcome: string): number => gauge(m, 'phantoma_workers_ended_total', `model="${MODEL}",outcome="${outcome}"`);
   t.ok(ended('ok') >= counts.normal, `workers ended ok: ${ended('ok')}`);
   t.ok(ended('timeout') >= counts.timeout, `workers ended by timeout: ${ended('timeout')}`);
-  t.ok(ended('client_closed') >= counts.cancel, `workers ended because the client left: ${ended('client_closed')}`);
+  // A cancellation can race the end of its generation (then the worker ended 'ok'); at least one must
+  // have ended a worker mid-generation, and every cancelled request's worker ended one way or the other.
+  t.ok(ended('client_closed') >= 1, `workers ended because the client left: ${ended('client_closed')}`);
+  t.ok(ended('client_closed') + ended('ok') >= counts.cancel + counts.normal, 'every cancelled or normal request ended its worker');
   t.ok(ended('worker_failed') >= counts.kill, `workers that failed (killed): ${ended('worker_failed')}`);
   t.ok(real.length >= 50, `${real.length} canaries sent`);
 });
