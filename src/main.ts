@@ -107,9 +107,10 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   mkdirSync(stateDir, { recursive: true, mode: 0o700 });
 
   const registry = createModelRegistry({ models: config.models, cacheDir: resolveFromRoot(config.cacheDir) });
-  const modelPaths: string[] = [];
-  for (const name of registry.names()) modelPaths.push((await registry.resolve(name)).path);
-  const warden = deps.backend ? undefined : await startWardenIfConfigured(config, log, modelPaths);
+  // Resolved once: for a built-in model this verifies the whole cached file against its digest.
+  const resolvedModels = [];
+  for (const name of registry.names()) resolvedModels.push(await registry.resolve(name));
+  const warden = deps.backend ? undefined : await startWardenIfConfigured(config, log, resolvedModels.map((m) => m.path));
   let backend: WorkerBackend;
   try {
     backend = deps.backend ?? (await createBackend(config, stateDir, log));
@@ -149,8 +150,8 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   if (blocked) log.error({ code: blocked.code }, blocked.message);
   else if (policy.warning) log.warn({ code: ERRORS.UNENCRYPTED_SWAP.code }, policy.warning);
   const models: ServedModel[] = [];
-  for (const name of registry.names()) {
-    const resolved = await registry.resolve(name);
+  for (const resolved of resolvedModels) {
+    const name = resolved.name;
     const summary = readGgufSummary(resolved.path);
     const trained = Number(summary.metadata.get(`${String(summary.metadata.get('general.architecture'))}.context_length`) ?? config.inference.contextSize);
     const contextLength = Math.min(config.inference.contextSize, trained);
