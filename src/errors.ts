@@ -83,6 +83,11 @@ export class ConfigError extends PhantomaError {}
 export class UsageError extends PhantomaError {}
 export class ModelError extends PhantomaError {}
 
+/** The catalogue entry for a code a node sent back, or the fallback for a code we do not know. */
+export function definitionOf(code: unknown, fallback: ErrorDefinition): ErrorDefinition {
+  return Object.values(ERRORS).find((d) => d.code === code) ?? fallback;
+}
+
 export function isPhantomaError(err: unknown): err is PhantomaError {
   return err instanceof PhantomaError;
 }

@@ -2,8 +2,9 @@
 // an interactive conversation on a terminal (history kept in this process only, gone when it exits).
 import { createInterface } from 'node:readline/promises';
 import type { Command } from './main.ts';
-import { ERRORS, UsageError, PhantomaError } from '../errors.ts';
+import { ERRORS, UsageError, PhantomaError, definitionOf } from '../errors.ts';
 import { request, readAll, sseData, type NodeEndpoint } from '../client/http.ts';
+import { intOption } from './options.ts';
 
 type Message = { role: 'system' | 'user' | 'assistant'; content: string };
 
@@ -17,13 +18,13 @@ async function streamChat(endpoint: NodeEndpoint, model: string, messages: Messa
     } catch {
       /* not our error shape */
     }
-    const code = Object.values(ERRORS).find((d) => d.code === err.code) ?? ERRORS.NODE_UNREACHABLE;
+    const code = definitionOf(err.code, ERRORS.NODE_UNREACHABLE);
     throw new PhantomaError(code, `the node answered ${res.status}: ${err.message ?? text.slice(0, 200)}`);
   }
   let answer = '';
   for await (const data of sseData(res.body)) {
     const chunk = JSON.parse(data) as { choices?: Array<{ delta?: { content?: string } }>; error?: { code: string; message: string } };
-    if (chunk.error) throw new PhantomaError(Object.values(ERRORS).find((d) => d.code === chunk.error!.code) ?? ERRORS.WORKER_FAILED, chunk.error.message);
+    if (chunk.error) throw new PhantomaError(definitionOf(chunk.error.code, ERRORS.WORKER_FAILED), chunk.error.message);
     const text = chunk.choices?.[0]?.delta?.content;
     if (text) {
       answer += text;
@@ -46,8 +47,7 @@ export const chatCommand: Command = {
   },
   async run(ctx, { values, positionals }) {
     if (typeof values.url !== 'string') throw new UsageError(ERRORS.CLI_USAGE, `--url is required (usage: ${this.usage})`);
-    const maxTokens = values['max-tokens'] === undefined ? 256 : Number(values['max-tokens']);
-    if (!Number.isInteger(maxTokens) || maxTokens < 1) throw new UsageError(ERRORS.CLI_USAGE, '--max-tokens must be a positive integer');
+    const maxTokens = intOption(values['max-tokens'], 'max-tokens', 256, 1, 1_000_000);
     // The key may come from the environment so it stays out of shell history and process listings.
     const apiKey = typeof values['api-key'] === 'string' ? values['api-key'] : process.env.PHANTOMA_API_KEY;
     const endpoint: NodeEndpoint = { url: values.url, ...(typeof values.pin === 'string' ? { pin: values.pin } : {}), ...(apiKey ? { apiKey } : {}) };

@@ -7,13 +7,7 @@ import { createLogger } from '../logger.ts';
 import { createModelRegistry } from '../models/registry.ts';
 import { createLlamaRuntime, loadModelFile, createContext, prepareChatWrapper, generateChat } from '../models/llama.ts';
 import { createProgressBar } from './progress.ts';
-
-function intOption(v: string | boolean | undefined, name: string, fallback: number, min: number, max: number): number {
-  if (v === undefined) return fallback;
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min || n > max) throw new UsageError(ERRORS.CLI_USAGE, `--${name} must be an integer from ${min} to ${max}`);
-  return n;
-}
+import { intOption } from './options.ts';
 
 export const localChatCommand: Command = {
   summary: 'answer one prompt in-process with node-llama-cpp, streaming the tokens (no gateway)',
