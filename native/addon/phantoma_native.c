@@ -5,6 +5,7 @@
 //   getNoNewPrivs()      prctl(PR_GET_NO_NEW_PRIVS)
 //   peerCredentials(fd)  getsockopt(SO_PEERCRED) on a connected unix socket: { pid, uid, gid }
 //   peerPidfd(fd)        getsockopt(SO_PEERPIDFD) (Linux >= 6.5): a pidfd for the peer; the caller closes it
+//   mallocTrim()         glibc malloc_trim(0): hands freed heap pages back to the kernel; true if any were
 // Every failure throws an Error whose `code` is the errno name (EBADF, ENOTSOCK, ...), with `errno` and
 // `syscall` set, like Node's own system errors.
 #define _GNU_SOURCE
@@ -12,6 +13,7 @@
 #include <node_api.h>
 
 #include <errno.h>
+#include <malloc.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
@@ -156,8 +158,16 @@ static napi_value peer_pidfd(napi_env env, napi_callback_info info) {
   return result;
 }
 
+// A warm worker has freed its loading and warm-up scratch (GGUF parsing, graph planning, the throwaway
+// generation) but glibc keeps those pages in its arenas; four idle workers would each hold ~10 MiB of them.
+static napi_value malloc_trim_all(napi_env env, napi_callback_info info) {
+  (void)info;
+  return make_bool(env, malloc_trim(0) != 0);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
+      {"mallocTrim", NULL, malloc_trim_all, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setDumpable", NULL, set_dumpable, NULL, NULL, NULL, napi_enumerable, NULL},
       {"isDumpable", NULL, is_dumpable, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setNoNewPrivs", NULL, set_no_new_privs, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -5,7 +5,7 @@ import { encodeMessage, createLineDecoder, type ToWorker, type FromWorker, type 
 import { createLogger } from '../logger.ts';
 import { createLlamaRuntime, loadModelFile, createContext, prepareChatWrapper, generateChat, generateCompletion, type GenerateOptions } from '../models/llama.ts';
 import { isPhantomaError } from '../errors.ts';
-import { setDumpable } from '../native/addon.ts';
+import { setDumpable, mallocTrim } from '../native/addon.ts';
 
 export interface WorkerSpec {
   modelName: string;
@@ -46,6 +46,11 @@ async function main(): Promise<void> {
     await generateChat(context, [{ role: 'user', content: 'warm-up' }], { chatWrapper, maxTokens: 2, seed: 0, temperature: 0 });
     await generateCompletion(context, 'warm-up', { maxTokens: 1, seed: 0, temperature: 0 });
   }
+
+  // An idle warm worker should hold only what serving needs: collect the garbage of loading and warm-up,
+  // then hand glibc's freed arena pages back (≈10 MiB per worker on the bench model; the pool holds several).
+  (globalThis as { gc?: () => void }).gc?.();
+  mallocTrim();
 
   const abort = new AbortController();
   let job: JobMessage | undefined;

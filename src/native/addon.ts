@@ -20,6 +20,7 @@ interface NativeBinding {
   getNoNewPrivs(): boolean;
   peerCredentials(fd: number): PeerCredentials;
   peerPidfd(fd: number): number;
+  mallocTrim(): boolean;
 }
 
 /** A failed system call: `code` is the errno name (EBADF, ENOTSOCK, ENOTCONN, ...), `errno` is negative. */
@@ -77,6 +78,11 @@ export function peerCredentials(fd: number): PeerCredentials {
  */
 export function peerPidfd(fd: number): number {
   return native().peerPidfd(fd);
+}
+
+/** glibc malloc_trim(0): returns freed heap pages to the kernel; true when any were released. */
+export function mallocTrim(): boolean {
+  return native().mallocTrim();
 }
 
 /** The file descriptor under a connected net.Socket on a unix path (Node's Pipe handle exposes it as `fd`). */
