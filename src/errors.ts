@@ -42,6 +42,7 @@ export const ERRORS = Object.freeze({
   NOT_READY: def('not_ready', 503, 'server_error', 5),
   REQUEST_TIMEOUT: def('request_timeout', 504, 'server_error', 5),
   WORKER_FAILED: def('worker_failed', 502, 'server_error', 5),
+  WORKER_OUT_OF_MEMORY: def('worker_out_of_memory', 502, 'server_error', 5),
   CLIENT_CLOSED: def('client_closed', 499, 'invalid_request_error', 5),
   // API keys and TLS
   API_KEY_NOT_FOUND: def('api_key_not_found', 404, 'not_found_error', 2),
@@ -54,6 +55,22 @@ export const ERRORS = Object.freeze({
   AUDIT_EVENT_REFUSED: def('audit_event_refused', 500, 'server_error', 1),
   DOCTOR_CHECK_FAILED: def('doctor_check_failed', 500, 'server_error', 8),
   UNENCRYPTED_SWAP: def('unencrypted_swap', 503, 'server_error', 5),
+  // vault and keyd
+  VAULT_NOT_FOUND: def('vault_not_found', 500, 'server_error', 9),
+  VAULT_EXISTS: def('vault_exists', 409, 'invalid_request_error', 9),
+  VAULT_CREDENTIAL_MISSING: def('vault_credential_missing', 500, 'server_error', 9),
+  VAULT_PASSPHRASE_WRONG: def('vault_passphrase_wrong', 500, 'server_error', 9),
+  VAULT_CORRUPT: def('vault_corrupt', 500, 'server_error', 9),
+  VAULT_KDF_REFUSED: def('vault_kdf_refused', 500, 'server_error', 9),
+  CLIENT_EXISTS: def('client_exists', 409, 'invalid_request_error', 2),
+  CLIENT_NOT_FOUND: def('client_not_found', 404, 'not_found_error', 2),
+  REQUEST_KEY_UNKNOWN: def('request_key_unknown', 400, 'invalid_request_error', 9),
+  KEYD_REFUSED: def('keyd_refused', 403, 'authentication_error', 9),
+  KEYD_UNAVAILABLE: def('keyd_unavailable', 503, 'server_error', 9),
+  KEY_DOCUMENT_INVALID: def('key_document_invalid', 502, 'server_error', 6),
+  // Docker worker backend
+  DOCKER_UNREACHABLE: def('docker_unreachable', 503, 'server_error', 5),
+  DOCKER_IMAGE_MISSING: def('docker_image_missing', 500, 'server_error', 2),
   // generic
   INTERNAL: def('internal_error', 500, 'server_error', 1),
 });

@@ -43,6 +43,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "egress.h" /* issue 9: the egress BPF programs (egress.c) */
+
 #ifndef SYS_mount_setattr
 #define SYS_mount_setattr 442 /* x86_64; glibc 2.36 has the number but no wrapper */
 #endif
@@ -726,21 +728,33 @@ static void do_spawn(int cfd, uid_t peer, char **f, int n) {
   refuse(cfd, peer, "spawn_failed", why);
 }
 
+/* How many times the kernel's OOM killer fired in a worker's memory cgroup (read before it is removed):
+ * the gateway reports such an end as out of memory rather than as an unexplained crash. */
+static long oom_kills(const char *id) {
+  char p[PATH_MAX], buf[1024];
+  int h = v2_memory ? H_V2 : H_MEM;
+  if (!hier[h].used || cg_file(p, h, id, v2_memory ? "memory.events" : "memory.oom_control")) return 0;
+  if (read_file(p, buf, sizeof buf) <= 0) return 0;
+  const char *k = strstr(buf, "oom_kill ");
+  return k ? strtol(k + 9, NULL, 10) : 0;
+}
+
 static void do_end(int cfd, uid_t peer, char **f, int n) {
   if (n != 2) return refuse(cfd, peer, "bad_request", "END needs an id");
   if (!valid_id(f[1])) return refuse(cfd, peer, "cgroup_not_allowed", "the worker id must be 16 lowercase hex digits");
   struct worker *w = find_worker(f[1]);
   if (!w) return refuse(cfd, peer, "unknown_worker", "no live worker has this id");
   double t0 = now_ms();
+  long ooms = oom_kills(w->id);
   bool ok = end_cgroups(w->id, w);
   double ms = now_ms() - t0;
   char exit_[32] = "exit=unknown";
   if (w->reaped && WIFEXITED(w->status)) snprintf(exit_, sizeof exit_, "code=%d", WEXITSTATUS(w->status));
   else if (w->reaped && WIFSIGNALED(w->status)) snprintf(exit_, sizeof exit_, "signal=%d", WTERMSIG(w->status));
-  logf_("ended id=%s pid=%d verified=%d ms=%.3f %s", w->id, (int)w->pid, ok, ms, exit_);
+  logf_("ended id=%s pid=%d verified=%d ms=%.3f %s oom_kills=%ld", w->id, (int)w->pid, ok, ms, exit_, ooms);
   if (!ok) return reply(cfd, "ERR end_failed the worker cgroup is not empty or not removed after %d ms", END_TIMEOUT_MS);
   w->used = false;
-  reply(cfd, "OK ended verified=1 ms=%.3f %s", ms, exit_);
+  reply(cfd, "OK ended verified=1 ms=%.3f %s oom_kills=%ld", ms, exit_, ooms);
 }
 
 static void do_stderr(int cfd, uid_t peer, char **f, int n, bool *keep) {
@@ -830,6 +844,7 @@ static void handle_conn(int cfd) {
     do_end(cfd, cred.uid, f, n);
   } else if (!strcmp(f[0], "STDERR")) {
     do_stderr(cfd, cred.uid, f, n, &keep);
+  } else if (egress_request(cfd, cred.uid, f, n, &keep)) { /* EGRESS_STATUS, EGRESS_PROBE, ALLOW, DENY, EVENTS */
   } else {
     refuse(cfd, cred.uid, "bad_request", "unknown request");
   }
@@ -859,6 +874,7 @@ static int shutdown_all(void) {
   }
   for (int i = 0; i < MAX_PENDING; i++) drop_pending(&pendings[i]);
   unlink(cfg.socket_path);
+  egress_before_rmdir();
   for (int h = 0; h < H_COUNT; h++) {
     if (!hier[h].used) continue;
     /* rmdir only succeeds on empty cgroups: workers/ then each NAME segment, deepest first */
@@ -867,6 +883,7 @@ static int shutdown_all(void) {
     size_t stop = strlen(hier[h].base);
     while (strlen(p) > stop && rmdir(p) == 0) *strrchr(p, '/') = 0;
   }
+  egress_after_rmdir();
   logf_("stopped; %d worker(s) could not be verified as ended", failed);
   return failed ? 1 : 0;
 }
@@ -889,19 +906,24 @@ static void usage(const char *why) {
   fprintf(stderr,
           "phantoma-warden: %s\nusage: phantoma-warden --socket PATH --client-uid UID --cgroup-name NAME --worker-exec ABSPATH "
           "--worker-script ABSPATH --uid-range FROM-TO [--memory-max BYTES] [--pids-max N] [--tmpfs-size BYTES] [--worker-arg ARG]... "
-          "[--worker-preload ABSPATH] [--expose ABSDIR]... [--exit-with-parent]\n",
+          "[--worker-preload ABSPATH] [--expose ABSDIR]... [--egress enforce|off] [--exit-with-parent]\n",
           why);
   exit(2);
 }
 
 int main(int argc, char **argv) {
   unsigned long v;
-  bool exit_with_parent = false;
+  bool exit_with_parent = false, egress_on = false;
   for (int i = 1; i < argc; i += 2) {
     const char *k = argv[i], *val = i + 1 < argc ? argv[i + 1] : NULL;
     if (!strcmp(k, "--exit-with-parent")) { /* tests: a killed test run must not leave a warden behind */
       exit_with_parent = true;
       i--;
+      continue;
+    }
+    if (!strcmp(k, "--egress-tags")) return geteuid() == 0 ? egress_print_tags() : (usage("must run as root"), 2);
+    if (!strcmp(k, "--egress") && val && (!strcmp(val, "enforce") || !strcmp(val, "off"))) {
+      egress_on = !strcmp(val, "enforce");
       continue;
     }
     if (!val) usage("an option lacks its value");
@@ -964,6 +986,14 @@ int main(int argc, char **argv) {
   if (r) return logf_("cgroup set-up failed: %s", strerror(-r)), 1;
   if ((r = clean_leftovers())) return logf_("leftover worker cgroups could not be removed: %s", strerror(-r)), 1;
   have_noswap = probe_noswap();
+  if (egress_on) {
+    char parent[PATH_MAX];
+    snprintf(parent, sizeof parent, "%s", hier[H_V2].workers);
+    *strrchr(parent, '/') = 0;
+    if ((r = egress_init(parent, hier[H_V2].workers))) return logf_("egress filter set-up failed: %s", strerror(-r)), 1;
+  } else {
+    logf_("egress filter OFF (--egress off): workers rely on their empty network namespace alone");
+  }
 
   int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   struct sockaddr_un sa = {.sun_family = AF_UNIX};
@@ -981,8 +1011,9 @@ int main(int argc, char **argv) {
   fflush(stdout);
 
   for (;;) {
-    struct pollfd pf[2] = {{lfd, POLLIN, 0}, {sfd, POLLIN, 0}};
-    int pr = poll(pf, 2, 1000);
+    struct pollfd pf[3] = {{lfd, POLLIN, 0}, {sfd, POLLIN, 0}, {egress_event_fd(), POLLIN, 0}};
+    int pr = poll(pf, pf[2].fd >= 0 ? 3 : 2, 1000);
+    if (pr > 0 && pf[2].fd >= 0 && (pf[2].revents & POLLIN)) egress_drain();
     if (pr < 0 && errno != EINTR) return perror("poll"), 1;
     if (pf[1].revents & POLLIN) {
       struct signalfd_siginfo si;

@@ -95,6 +95,21 @@ export const ConfigSchema = Type.Object(
       },
       { additionalProperties: false, default: {} },
     ),
+    vault: Type.Object(
+      {
+        path: Type.Optional(Type.String({ minLength: 1, description: 'the vault file (default: <stateDir>/vault.phv)' })),
+        credentialName: Type.String({ pattern: '^[A-Za-z0-9._-]{1,64}$', default: 'phantoma-vault-key', description: 'systemd credential holding the vault key file ($CREDENTIALS_DIRECTORY/<name>)' }),
+        kdfLog2N: Type.Integer({ minimum: 10, maximum: 20, default: 17, description: 'scrypt cost log2(N) for a new vault or backup (17 = 128 MiB with r=8); below 15 needs allowWeakKdf' }),
+        kdfR: Type.Integer({ minimum: 1, maximum: 16, default: 8, description: 'scrypt block size r' }),
+        kdfP: Type.Integer({ minimum: 1, maximum: 4, default: 1, description: 'scrypt parallelism p' }),
+        allowWeakKdf: Type.Boolean({ default: false, description: 'TESTS ONLY: allow kdfLog2N below 15 (fast, weak)' }),
+        requestKeyValidityDays: Type.Integer({ minimum: 1, maximum: 3650, default: 90, description: 'validity of a new request key' }),
+        rotationOverlapSeconds: Type.Integer({ minimum: 0, maximum: 30 * 86400, default: 86400, description: 'after phantoma keys rotate, the previous request keys still open requests this long' }),
+        keydSocket: Type.String({ minLength: 1, default: '/run/phantoma/keyd/keyd.sock', description: "keyd's unix socket (bind-mounted into each worker's view by the warden)" }),
+        keydStart: Type.Boolean({ default: true, description: 'phantoma serve starts keyd as a child when a vault exists' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
     inference: Type.Object(
       {
         threads: Type.Integer({ minimum: 1, maximum: 256, default: 2, description: 'CPU threads per generation; never more than the cores' }),

@@ -6,6 +6,8 @@ import type { WorkerSpec } from './worker-main.ts';
 export interface WorkerExit {
   code: number | null;
   signal: NodeJS.Signals | null;
+  /** The kernel's OOM killer fired in the worker's memory cgroup (backends that can tell: the warden). */
+  outOfMemory?: boolean;
 }
 
 export interface WorkerHandle {

@@ -16,7 +16,7 @@ export interface PoolObserver {
   workerEnded?(model: string, outcome: JobOutcome, workerId: string, endMs: number, verified: boolean, detail?: string): void;
 }
 
-export type JobOutcome = 'ok' | 'refused' | 'timeout' | 'client_closed' | 'worker_failed' | 'unused';
+export type JobOutcome = 'ok' | 'refused' | 'timeout' | 'client_closed' | 'worker_failed' | 'out_of_memory' | 'unused';
 
 /** A worker's error: the client's own mistakes pass through with their code, anything else is worker_failed. */
 function workerError(code: string, message: string): PhantomaError {
@@ -236,6 +236,11 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
             else if (m.type === 'error') finish(m.code === ERRORS.CONTEXT_LENGTH_EXCEEDED.code ? 'refused' : 'worker_failed', workerError(m.code, m.message));
           };
           void w.handle.exited.then((exit) => {
+            if (exit.outOfMemory) {
+              return finish('out_of_memory', new PhantomaError(ERRORS.WORKER_OUT_OF_MEMORY, 'the request needed more memory than a worker may use (workers.memoryMaxBytes); its worker was ended', {
+                details: { signal: exit.signal },
+              }));
+            }
             finish('worker_failed', new PhantomaError(ERRORS.WORKER_FAILED, 'the worker ended before finishing the request', {
               details: { exitCode: exit.code, signal: exit.signal, ...(w.protocolError ? { protocol: w.protocolError } : {}) },
             }));

@@ -55,6 +55,7 @@ export function createWardenBackend(opts: WardenBackendOptions): WorkerBackend &
       let ending: Promise<WorkerEndResult> | undefined;
       const endResult = Promise.withResolvers<WorkerEndResult>();
       let exitInfo: EndResult['exit'] = { code: null, signal: null };
+      let oomKills = 0;
       // An unread stdin would hold data forever; EPIPE after the worker is gone is expected.
       stdin.on('error', () => undefined);
 
@@ -111,6 +112,7 @@ export function createWardenBackend(opts: WardenBackendOptions): WorkerBackend &
           try {
             const r = await opts.client.end(id);
             exitInfo = r.exit;
+            oomKills = r.oomKills;
             if (uid !== undefined) inUse.delete(uid);
             return { verified: r.verified, ms: r.ms };
           } catch (err) {
@@ -147,7 +149,7 @@ export function createWardenBackend(opts: WardenBackendOptions): WorkerBackend &
         });
         await end();
         const signal = exitInfo.signal === null ? null : (SIGNAL_NAMES.get(exitInfo.signal) ?? null);
-        return { code: exitInfo.code, signal };
+        return { code: exitInfo.code, signal, ...(oomKills > 0 ? { outOfMemory: true } : {}) };
       })();
 
       return {

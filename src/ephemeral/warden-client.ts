@@ -45,6 +45,8 @@ export interface EndResult {
   verified: boolean;
   ms: number;
   exit: { code: number | null; signal: number | null };
+  /** Times the OOM killer fired in the worker's memory cgroup. */
+  oomKills: number;
 }
 
 export interface WardenStatus {
@@ -202,6 +204,7 @@ export function createWardenClient(opts: { socketPath: string; timeoutMs?: numbe
         verified: m.get('verified') === '1',
         ms: Number(m.get('ms')),
         exit: { code: code === undefined ? null : Number(code), signal: signal === undefined ? null : Number(signal) },
+        oomKills: Number(m.get('oom_kills') ?? 0),
       };
     },
   };
