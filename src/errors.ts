@@ -55,6 +55,8 @@ export const ERRORS = Object.freeze({
   AUDIT_EVENT_REFUSED: def('audit_event_refused', 500, 'server_error', 1),
   DOCTOR_CHECK_FAILED: def('doctor_check_failed', 500, 'server_error', 8),
   UNENCRYPTED_SWAP: def('unencrypted_swap', 503, 'server_error', 5),
+  // egress filter (issue 9)
+  EGRESS_UNVERIFIED: def('egress_unverified', 503, 'server_error', 5),
   // vault and keyd
   VAULT_NOT_FOUND: def('vault_not_found', 500, 'server_error', 9),
   VAULT_EXISTS: def('vault_exists', 409, 'invalid_request_error', 9),
@@ -71,6 +73,18 @@ export const ERRORS = Object.freeze({
   // Docker worker backend
   DOCKER_UNREACHABLE: def('docker_unreachable', 503, 'server_error', 5),
   DOCKER_IMAGE_MISSING: def('docker_image_missing', 500, 'server_error', 2),
+  // sealed requests (issue 8)
+  SEALED_ENVELOPE_TOO_LARGE: def('sealed_envelope_too_large', 413, 'invalid_request_error', 2),
+  SEALED_ENVELOPE_MALFORMED: def('sealed_envelope_malformed', 400, 'invalid_request_error', 2),
+  SEALED_VERSION_UNSUPPORTED: def('sealed_version_unsupported', 400, 'invalid_request_error', 2),
+  SEALED_UNKNOWN_CLIENT: def('sealed_unknown_client', 401, 'authentication_error', 4),
+  SEALED_CLIENT_REVOKED: def('sealed_client_revoked', 403, 'authentication_error', 4),
+  SEALED_BAD_SIGNATURE: def('sealed_bad_signature', 401, 'authentication_error', 4),
+  SEALED_UNKNOWN_KEY: def('sealed_unknown_key', 400, 'invalid_request_error', 2),
+  SEALED_TIMESTAMP_INVALID: def('sealed_timestamp_invalid', 400, 'invalid_request_error', 2),
+  SEALED_REPLAY: def('sealed_replay', 409, 'invalid_request_error', 4),
+  SEALED_REPLAY_MEMORY_FULL: def('sealed_replay_memory_full', 503, 'server_error', 5),
+  SEALED_OPEN_FAILED: def('sealed_open_failed', 400, 'invalid_request_error', 2),
   // generic
   INTERNAL: def('internal_error', 500, 'server_error', 1),
 });

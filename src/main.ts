@@ -24,6 +24,8 @@ import type { AuditEvent } from './audit/audit-events.ts';
 import type { PoolObserver } from './ephemeral/pool.ts';
 import { swapPolicy, type SwapDevice } from './doctor/checks.ts';
 import { probeSwaps } from './doctor/probe.ts';
+import { setupNodeEgress } from './egress/node.ts';
+import type { EgressMonitor } from './egress/monitor.ts';
 
 export interface RunningNode {
   url: string;
@@ -32,6 +34,9 @@ export interface RunningNode {
   models: readonly ServedModel[];
   apiKeys: ApiKeyStore | undefined;
   audit: AuditLog;
+  /** The egress monitor (warden-backed nodes), and the egress policy hash for key documents and receipts. */
+  egress: EgressMonitor | undefined;
+  egressPolicyHash(): string;
   /** Stops accepting, lets requests in flight finish (bounded by shutdownGraceMs), then ends every worker. */
   close(): Promise<void>;
 }
@@ -73,6 +78,7 @@ async function startWardenIfConfigured(config: Readonly<Config>, log: Logger, mo
     pidsMax: config.workers.pidsMax,
     tmpfsBytes: config.workers.tmpfsBytes,
     expose,
+    egress: config.egress.mode,
     logger: log,
   });
 }
@@ -129,6 +135,10 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
     }
   };
   record({ type: 'node_started', version: '0.1.0', pid: process.pid });
+  // Egress filter (issue 9): verified by the kernel's word (and a live probe) before any worker starts;
+  // while it is not, no worker starts, running ones end, and /readyz says why (src/egress/gate.ts).
+  const egress = await setupNodeEgress({ config, backend, wardenBackend: !deps.backend && config.workers.backend === 'warden', logger: log, audit: record, registry: metrics.registry });
+  backend = egress.backend;
   const observer: PoolObserver = {
     workerStarted(model, ms, workerId) {
       metrics.poolObserver.workerStarted?.(model, ms, workerId);
@@ -155,7 +165,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
     const summary = readGgufSummary(resolved.path);
     const trained = Number(summary.metadata.get(`${String(summary.metadata.get('general.architecture'))}.context_length`) ?? config.inference.contextSize);
     const contextLength = Math.min(config.inference.contextSize, trained);
-    const pool = createWorkerPool({
+    const pool = egress.wrapPool(createWorkerPool({
       backend,
       spec: {
         modelName: name,
@@ -172,7 +182,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
       logger: log,
       observer,
       ...(blocked ? { blocked } : {}),
-    });
+    }));
     models.push({ name, contextLength, pool });
   }
   metrics.watchPools(models.map((m) => m.pool));
@@ -194,6 +204,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
     await Promise.all(models.map((m) => m.pool.close()));
     await graceful;
     await metricsApp.close();
+    egress.close();
     await warden?.stop();
     record({ type: 'node_stopped', reason: 'shutdown' });
     audit.close();
@@ -216,6 +227,8 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
     models,
     apiKeys,
     audit,
+    egress: egress.monitor,
+    egressPolicyHash: egress.policyHash,
     close: () => (closing ??= closeAll()),
   };
 }

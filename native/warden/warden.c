@@ -87,6 +87,8 @@ static struct {
    * project checked out under /tmp or /root: the runtime, the compiled worker, the models. */
   const char *expose[MAX_EXPOSE];
   int n_expose;
+  /* keyd's socket, bind-mounted into every worker's view at KEYD_SOCKET_IN_WORKER (issue 7). */
+  const char *keyd_socket;
 } cfg = {.memory_max = 2ULL << 30, .tmpfs_size = 64ULL << 20, .pids_max = 256};
 
 /* One entry per cgroup hierarchy the warden uses: v2 always; v1 memory/pids only where v2 lacks them. */
@@ -486,6 +488,24 @@ static int mkdir_p(const char *path) {
 
 /* Re-exposes a directory that a mask now covers: bind the original (held open since before the masks)
  * onto the same path, read-only. A directory that is still visible as itself is left alone. */
+/* Where a worker finds keyd: a fixed path inside its view, whatever the host path (README.md). */
+#define KEYD_SOCKET_IN_WORKER "/run/phantoma/keyd.sock"
+
+/* Binds keyd's socket (held open as an O_PATH fd since before the masks) onto a fresh file in the masked,
+ * still writable /run: the worker reaches keyd and nothing else of the host's /run. keyd itself decides
+ * who may do what, by the caller's cgroup (SO_PEERCRED/SO_PEERPIDFD). */
+static int bind_keyd_socket(int fd) {
+  struct stat st;
+  if (fstat(fd, &st) || !S_ISSOCK(st.st_mode)) return errno = ENOTSOCK, -1;
+  if (mkdir_p("/run/phantoma")) return -1;
+  int f = open(KEYD_SOCKET_IN_WORKER, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (f < 0) return -1;
+  close(f);
+  char src[64];
+  snprintf(src, sizeof src, "/proc/self/fd/%d", fd);
+  return mount(src, KEYD_SOCKET_IN_WORKER, NULL, MS_BIND, NULL);
+}
+
 static int expose(const char *path, int fd) {
   struct stat orig, now;
   if (fstat(fd, &orig)) return -1;
@@ -530,6 +550,8 @@ child_main(const char *id, uid_t uid, gid_t gid, int nice_, char **argv, int con
   int xfd[MAX_EXPOSE];
   for (int i = 0; i < cfg.n_expose; i++)
     if ((xfd[i] = open(cfg.expose[i], O_PATH | O_DIRECTORY | O_CLOEXEC)) < 0) child_fail(sync, "open exposed dir");
+  int keyd_fd = -1;
+  if (cfg.keyd_socket && (keyd_fd = open(cfg.keyd_socket, O_PATH | O_CLOEXEC)) < 0) child_fail(sync, "open keyd socket");
   /* A fresh sysfs: the host's one shows the host's interfaces (sysfs follows the netns of its mounter)
    * and the whole cgroup tree. */
   if (mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL)) child_fail(sync, "mount sysfs");
@@ -552,6 +574,7 @@ child_main(const char *id, uid_t uid, gid_t gid, int nice_, char **argv, int con
   }
   for (int i = 0; i < cfg.n_expose; i++)
     if (expose(cfg.expose[i], xfd[i])) child_fail(sync, "expose dir");
+  if (keyd_fd >= 0 && bind_keyd_socket(keyd_fd)) child_fail(sync, "bind keyd socket");
   for (size_t i = 0; i < sizeof hidden / sizeof *hidden; i++)
     if (seal_hidden(hidden[i])) child_fail(sync, "seal hidden");
 
@@ -906,7 +929,7 @@ static void usage(const char *why) {
   fprintf(stderr,
           "phantoma-warden: %s\nusage: phantoma-warden --socket PATH --client-uid UID --cgroup-name NAME --worker-exec ABSPATH "
           "--worker-script ABSPATH --uid-range FROM-TO [--memory-max BYTES] [--pids-max N] [--tmpfs-size BYTES] [--worker-arg ARG]... "
-          "[--worker-preload ABSPATH] [--expose ABSDIR]... [--egress enforce|off] [--exit-with-parent]\n",
+          "[--worker-preload ABSPATH] [--expose ABSDIR]... [--keyd-socket ABSPATH] [--egress enforce|off] [--exit-with-parent]\n",
           why);
   exit(2);
 }
@@ -933,6 +956,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(k, "--worker-exec")) cfg.worker_exec = val;
     else if (!strcmp(k, "--worker-script")) cfg.worker_script = val;
     else if (!strcmp(k, "--worker-arg") && cfg.n_pre_args < MAX_PRE_ARGS && val[0] == '-' && strlen(val) < 256) cfg.pre_args[cfg.n_pre_args++] = val;
+    else if (!strcmp(k, "--keyd-socket") && val[0] == '/' && strlen(val) < PATH_MAX) cfg.keyd_socket = val;
     else if (!strcmp(k, "--expose") && cfg.n_expose < MAX_EXPOSE && val[0] == '/' && strlen(val) < PATH_MAX - 1 && !strstr(val, "/../") && strcmp(val, "/"))
       cfg.expose[cfg.n_expose++] = val;
     else if (!strcmp(k, "--worker-preload") && val[0] == '/' && strlen(val) < PATH_MAX && !strchr(val, ':') && !strchr(val, ' ')) {

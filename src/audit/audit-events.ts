@@ -42,6 +42,19 @@ export const AUDIT_EVENTS = {
     code: { kind: 'id', max: 64, optional: true },
   },
   refusal: { requestId: { kind: 'id', optional: true }, code: { kind: 'id', max: 64 }, route: { kind: 'route', optional: true } },
+  // egress filter (issue 9): a refused connection or packet (destination metadata only), and each change of
+  // the node's verified state with the policy hash it verified
+  egress_denied: {
+    set: { kind: 'id', max: 16 },
+    hook: { kind: 'id', max: 16 },
+    pid: int,
+    cgroupId: int,
+    proto: { kind: 'id', max: 16 },
+    dst: { kind: 'id', max: 64 },
+    port: int,
+    probe: bool,
+  },
+  egress_state: { verified: bool, policyHash: { kind: 'id', max: 64 }, code: { kind: 'id', max: 64, optional: true } },
 } as const satisfies Record<string, Record<string, FieldSpec>>;
 
 export type AuditEventType = keyof typeof AUDIT_EVENTS;

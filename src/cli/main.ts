@@ -16,6 +16,7 @@ import { keysCommand } from './keys.ts';
 import { chatCommand } from './chat.ts';
 import { auditCommand } from './audit.ts';
 import { doctorCommand } from './doctor.ts';
+import { egressCommand } from './egress.ts';
 import { vaultCommand } from './vault.ts';
 import { clientsCommand } from './clients.ts';
 
@@ -43,6 +44,7 @@ const COMMANDS: Record<string, Command> = {
   clients: clientsCommand,
   audit: auditCommand,
   doctor: doctorCommand,
+  egress: egressCommand,
   models: modelsCommand,
   'local-chat': localChatCommand,
   config: {

@@ -87,6 +87,17 @@ export const ConfigSchema = Type.Object(
       },
       { additionalProperties: false, default: {} },
     ),
+    egress: Type.Object(
+      {
+        mode: Type.Union([Type.Literal('enforce'), Type.Literal('off')], {
+          default: 'enforce',
+          description: 'enforce: workers only start while the kernel egress filter is verified; off: development only (loud warning, shown in the policy hash)',
+        }),
+        checkIntervalMs: Type.Integer({ minimum: 200, maximum: 600_000, default: 5000, description: "how often the filter's attachment is re-checked (BPF_PROG_QUERY via the warden)" }),
+        probeIntervalMs: Type.Integer({ minimum: 1000, maximum: 86_400_000, default: 60_000, description: 'how often the live probe runs (also at start and after any failure)' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
     pool: Type.Object(
       {
         size: Type.Integer({ minimum: 1, maximum: 64, default: 2, description: 'warm workers kept ready per model' }),

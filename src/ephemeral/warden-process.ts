@@ -22,6 +22,10 @@ export interface WardenProcessOptions {
   memoryMaxBytes: number;
   pidsMax: number;
   tmpfsBytes: number;
+  /** --egress: enforce loads and attaches the egress BPF programs (issue 9). */
+  egress?: 'enforce' | 'off';
+  /** --keyd-socket: keyd's socket, bind-mounted into every worker's view at /run/phantoma/keyd.sock (issue 7). */
+  keydSocket?: string;
   logger: Logger;
 }
 
@@ -51,6 +55,8 @@ export async function startWardenProcess(o: WardenProcessOptions): Promise<Warde
     ...o.workerArgs.flatMap((a) => ['--worker-arg', a]),
     ...(o.preload ? ['--worker-preload', o.preload] : []),
     ...o.expose.flatMap((d) => ['--expose', d]),
+    ...(o.keydSocket ? ['--keyd-socket', o.keydSocket] : []),
+    '--egress', o.egress ?? 'enforce',
   ];
   const log = o.logger.child({ component: 'warden' });
   const proc: ChildProcess = spawn(wardenBinaryPath(), args, { stdio: ['ignore', 'pipe', 'pipe'] });

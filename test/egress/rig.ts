@@ -109,7 +109,7 @@ export async function createNetns(tag: string): Promise<Netns> {
   };
 }
 
-async function startListener(argv: string[]): Promise<Listener> {
+export async function startListener(argv: string[]): Promise<Listener> {
   const proc: ChildProcess = spawn(argv[0]!, argv.slice(1), { stdio: ['pipe', 'pipe', 'pipe'] });
   const events: ListenerEvent[] = [];
   const waiters = new Set<() => void>();
@@ -271,9 +271,9 @@ export interface AttemptResult {
 }
 
 /** Runs the helper; with `procs` it writes itself into that cgroup before it creates any socket. */
-export function runAttempt(bin: string, mode: string, addr: string, port: number, token: string, procs = '-', netns?: string): Promise<AttemptResult> {
+export function runAttempt(bin: string, mode: string, addr: string, port: number, token: string, procs = '-', prefix: string[] = []): Promise<AttemptResult> {
   return new Promise((resolve, reject) => {
-    const argv = netns ? ['ip', 'netns', 'exec', netns, bin] : [bin];
+    const argv = [...prefix, bin];
     const child = spawn(argv[0]!, [...argv.slice(1), procs, mode, addr, String(port), token], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';

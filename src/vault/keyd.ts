@@ -1,0 +1,278 @@
+// keyd: the one process that holds the vault's private keys. It answers on a unix path socket:
+//   decapsulate  — a worker's single request to turn a sealed request's KEM fields into its per-request
+//                  key; once per worker *cgroup* (a second attempt, on any connection, is refused and audited)
+//   key-document — the signed key document (built here from keyd's own request keys, so a compromised
+//                  gateway cannot have other request keys signed), for the gateway's uid
+//   sign         — a receipt or heartbeat payload, for the gateway's uid (domain-separated, signing.ts)
+//   tls          — the TLS key and certificate from the vault, for the gateway's uid
+// It never receives a request body. Callers are identified by the kernel: SO_PEERCRED (pid, uid) and
+// SO_PEERPIDFD (the pid cannot be recycled under us), then /proc/<pid>/cgroup. A worker is a process in
+// `.../<warden.cgroupName>/workers/<16 hex>` with a uid of the worker range; the warden bind-mounts this
+// socket into each worker's view (an inherited socketpair would report its creator, not the worker).
+import { createServer, type Server, type Socket } from 'node:net';
+import { chmodSync, closeSync, mkdirSync, readFileSync, statSync, unlinkSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { peerPidfd, socketFd, peerCredentials } from '../native/addon.ts';
+import { ERRORS, PhantomaError } from '../errors.ts';
+import { combineKem, decapsulate, MLKEM768_CIPHERTEXT_BYTES, TRANSCRIPT_HASH_BYTES, X25519_PUBLIC_BYTES } from '../sealed/kem.ts';
+import { identityPrivateKey, isKeyUsable, requestPrivateKeys, type VaultContents } from './contents.ts';
+import { readVault } from './store.ts';
+import type { SealKeys } from './format.ts';
+import { signPayload, canonicalJson, SIGN_PURPOSES, type KeyDocument, type SignPurpose } from './signing.ts';
+import { certificateFingerprint } from '../gateway/tls.ts';
+import type { Logger } from '../logger.ts';
+
+export const KEYD_MAX_LINE = 16 * 1024;
+export const KEYD_IDLE_MS = 5000;
+/** Worker cgroups remembered as used; past this, keyd refuses every decapsulation rather than forget one. */
+export const KEYD_MAX_USED = 1 << 20;
+
+export interface Caller {
+  pid: number;
+  uid: number;
+  /** The caller's cgroup v2 path ("0::" line of /proc/<pid>/cgroup), or undefined. */
+  cgroup: string | undefined;
+}
+
+export interface KeydPolicy {
+  gatewayUid: number;
+  workerUids: { from: number; to: number };
+  cgroupName: string;
+}
+
+/** keyd's audit events (relayed to the node's audit log by the gateway, src/vault/keyd-process.ts). */
+export type KeydAuditEvent =
+  | { type: 'keyd_refusal'; op: string; code: string; reason: string; uid: number; workerId?: string }
+  | { type: 'keyd_decapsulated'; workerId: string; keyId: string };
+
+export interface KeyService {
+  handle(caller: Caller, request: unknown): Record<string, unknown>;
+}
+
+export function workerIdOf(caller: Caller, policy: KeydPolicy): string | undefined {
+  if (caller.uid < policy.workerUids.from || caller.uid > policy.workerUids.to || !caller.cgroup) return undefined;
+  const m = /\/([^/]+)\/workers\/([0-9a-f]{16})$/.exec(caller.cgroup);
+  return m && m[1] === policy.cgroupName.split('/').pop() && caller.cgroup.endsWith(`/${policy.cgroupName}/workers/${m[2]}`) ? m[2] : undefined;
+}
+
+const b64 = (v: unknown, bytes: number): Buffer | undefined => {
+  if (typeof v !== 'string' || v.length > 4 * Math.ceil(bytes / 3) + 4) return undefined;
+  const b = Buffer.from(v, 'base64');
+  return b.length === bytes ? b : undefined;
+};
+
+/**
+ * The decisions, without sockets: who may do what, once-per-worker bookkeeping, the crypto. `contents()`
+ * gives the current vault (re-read after a rotation); `now()` is injectable for the rotation tests.
+ */
+export function createKeyService(deps: {
+  contents: () => VaultContents;
+  policy: KeydPolicy;
+  now?: () => Date;
+  audit?: (e: KeydAuditEvent) => void;
+  releaseVersion?: string;
+}): KeyService {
+  const used = new Set<string>();
+  const now = deps.now ?? (() => new Date());
+  const audit = deps.audit ?? (() => {});
+  const refuse = (caller: Caller, op: string, code: typeof ERRORS.KEYD_REFUSED, reason: string, message: string, workerId?: string): Record<string, unknown> => {
+    audit({ type: 'keyd_refusal', op, code: code.code, reason, uid: caller.uid, ...(workerId ? { workerId } : {}) });
+    return { ok: false, code: code.code, message };
+  };
+  const isGateway = (c: Caller): boolean => c.uid === deps.policy.gatewayUid && workerIdOf(c, deps.policy) === undefined;
+
+  function decap(caller: Caller, r: Record<string, unknown>): Record<string, unknown> {
+    const workerId = workerIdOf(caller, deps.policy);
+    if (!workerId) return refuse(caller, 'decapsulate', ERRORS.KEYD_REFUSED, 'not_worker', 'only a worker the warden started may decapsulate');
+    const cg = caller.cgroup!;
+    if (used.has(cg)) return refuse(caller, 'decapsulate', ERRORS.KEYD_REFUSED, 'second_decapsulation', 'this worker has already had its one decapsulation', workerId);
+    if (used.size >= KEYD_MAX_USED) return refuse(caller, 'decapsulate', ERRORS.KEYD_REFUSED, 'memory_full', 'keyd remembers too many workers; restart it', workerId);
+    // Counted before anything else can fail: a worker gets one attempt, successful or not.
+    used.add(cg);
+    const eph = b64(r.ephemeralPublicKey, X25519_PUBLIC_BYTES);
+    const ct = b64(r.kemCiphertext, MLKEM768_CIPHERTEXT_BYTES);
+    const th = b64(r.transcriptHash, TRANSCRIPT_HASH_BYTES);
+    if (typeof r.keyId !== 'string' || !eph || !ct || !th) return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'decapsulate needs keyId, ephemeralPublicKey (32 B), kemCiphertext (1088 B), transcriptHash (32 B), base64' };
+    const key = deps.contents().requestKeys.find((k) => k.id === r.keyId);
+    if (!key || !isKeyUsable(key, now())) {
+      audit({ type: 'keyd_refusal', op: 'decapsulate', code: ERRORS.REQUEST_KEY_UNKNOWN.code, reason: key ? 'key_expired' : 'key_unknown', uid: caller.uid, workerId });
+      return { ok: false, code: ERRORS.REQUEST_KEY_UNKNOWN.code, message: `request key ${String(r.keyId).slice(0, 16)} is unknown or past its window` };
+    }
+    let secrets;
+    try {
+      secrets = decapsulate(requestPrivateKeys(key), eph, ct);
+    } catch {
+      return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'the KEM fields do not decapsulate' };
+    }
+    const requestKey = combineKem(secrets, th);
+    Buffer.from(secrets.x25519Secret.buffer, secrets.x25519Secret.byteOffset, secrets.x25519Secret.length).fill(0);
+    Buffer.from(secrets.mlkemSecret.buffer, secrets.mlkemSecret.byteOffset, secrets.mlkemSecret.length).fill(0);
+    audit({ type: 'keyd_decapsulated', workerId, keyId: key.id });
+    const out = Buffer.from(requestKey).toString('base64');
+    requestKey.fill(0);
+    return { ok: true, requestKey: out };
+  }
+
+  function keyDocument(r: Record<string, unknown>): Record<string, unknown> {
+    const c = deps.contents();
+    const t = now();
+    const egress = typeof r.egressPolicyHash === 'string' && /^[0-9a-f]{64}$/.test(r.egressPolicyHash) ? r.egressPolicyHash : undefined;
+    if (!egress) return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'key-document needs egressPolicyHash (64 hex)' };
+    const tls = r.tlsCertificateSha256 === undefined ? (c.tls ? certificateFingerprint(c.tls.cert) : '') : r.tlsCertificateSha256;
+    if (typeof tls !== 'string' || !/^(([0-9A-F]{2}:){31}[0-9A-F]{2})?$/.test(tls)) return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'tlsCertificateSha256 must be a colon-hex SHA-256 fingerprint or ""' };
+    const doc: KeyDocument = {
+      type: 'phantoma-key-document',
+      version: 1,
+      identityPublicKey: c.identity.publicKey,
+      issuedAt: t.toISOString(),
+      releaseVersion: deps.releaseVersion ?? '0.1.0',
+      egressPolicyHash: egress,
+      tlsCertificateSha256: tls,
+      requestKeys: c.requestKeys
+        .filter((k) => isKeyUsable(k, t))
+        .map((k) => ({ id: k.id, x25519: k.x25519Public, mlkem768: k.mlkemPublic, notBefore: k.notBefore, notAfter: k.notAfter })),
+    };
+    const signature = signPayload(identityPrivateKey(c), 'key-document', Buffer.from(canonicalJson(doc)));
+    return { ok: true, document: doc, signature: signature.toString('base64') };
+  }
+
+  return {
+    handle(caller, request) {
+      const r = (request && typeof request === 'object' ? request : {}) as Record<string, unknown>;
+      const op = typeof r.op === 'string' ? r.op.slice(0, 32) : '';
+      if (op === 'decapsulate') return decap(caller, r);
+      if (op !== 'key-document' && op !== 'sign' && op !== 'tls' && op !== 'ping') return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'unknown op' };
+      if (op === 'ping') return { ok: true, pid: process.pid };
+      if (!isGateway(caller)) return refuse(caller, op, ERRORS.KEYD_REFUSED, 'not_gateway', `${op} is for the gateway only`);
+      if (op === 'key-document') return keyDocument(r);
+      if (op === 'tls') {
+        const tls = deps.contents().tls;
+        return tls ? { ok: true, key: tls.key, cert: tls.cert } : { ok: false, code: ERRORS.TLS_SETUP_FAILED.code, message: 'the vault holds no TLS key' };
+      }
+      const purpose = r.purpose as SignPurpose;
+      if (!SIGN_PURPOSES.includes(purpose) || purpose === 'key-document') return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'sign purpose must be receipt or heartbeat' };
+      if (typeof r.payload !== 'string' || r.payload.length > 8192) return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'sign needs a base64 payload of at most 6 KiB' };
+      return { ok: true, signature: signPayload(identityPrivateKey(deps.contents()), purpose, Buffer.from(r.payload, 'base64')).toString('base64') };
+    },
+  };
+}
+
+/** The process at the other end of a unix socket, by the kernel's word; throws if it cannot be pinned down. */
+export function identifyPeer(socket: Socket): Caller {
+  const fd = socketFd(socket);
+  const cred = peerCredentials(fd);
+  // The pidfd pins the process: if it exits and its pid is reused while we read /proc, the fdinfo check
+  // below sees the pidfd's process gone (Pid: -1) and we refuse.
+  const pidfd = peerPidfd(fd);
+  try {
+    let cgroup: string | undefined;
+    try {
+      const line = readFileSync(`/proc/${cred.pid}/cgroup`, 'utf8').split('\n').find((l) => l.startsWith('0::'));
+      cgroup = line?.slice(3);
+    } catch {
+      cgroup = undefined;
+    }
+    const info = readFileSync(`/proc/self/fdinfo/${pidfd}`, 'utf8');
+    const pid = /^Pid:\s*(-?\d+)/m.exec(info)?.[1];
+    if (pid !== String(cred.pid)) throw new Error('the peer exited while it was being identified');
+    return { pid: cred.pid, uid: cred.uid, cgroup };
+  } finally {
+    closeSync(pidfd);
+  }
+}
+
+export interface KeydServer {
+  server: Server;
+  close(): Promise<void>;
+}
+
+/** keyd's socket server: newline-delimited JSON, one caller identity per connection, bounded lines and idle time. */
+export async function listenKeyd(opts: { socketPath: string; service: KeyService; logger: Logger }): Promise<KeydServer> {
+  mkdirSync(dirname(opts.socketPath), { recursive: true, mode: 0o755 });
+  try {
+    unlinkSync(opts.socketPath);
+  } catch {
+    /* none */
+  }
+  const server = createServer((socket) => {
+    socket.setTimeout(KEYD_IDLE_MS, () => socket.destroy());
+    socket.on('error', () => {});
+    let caller: Caller;
+    try {
+      caller = identifyPeer(socket);
+    } catch (err) {
+      opts.logger.warn({ code: (err as { code?: string }).code }, 'keyd: cannot identify a caller; closed');
+      socket.end(JSON.stringify({ ok: false, code: ERRORS.KEYD_REFUSED.code, message: 'caller not identifiable' }) + '\n');
+      return;
+    }
+    let buf = '';
+    socket.setEncoding('utf8');
+    socket.on('data', (chunk: string) => {
+      buf += chunk;
+      if (buf.length > KEYD_MAX_LINE) {
+        socket.end(JSON.stringify({ ok: false, code: ERRORS.REQUEST_TOO_LARGE.code, message: 'request line too long' }) + '\n');
+        buf = '';
+        return;
+      }
+      let nl;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        let reply: Record<string, unknown>;
+        try {
+          reply = opts.service.handle(caller, JSON.parse(line));
+        } catch (err) {
+          reply = err instanceof SyntaxError ? { ok: false, code: ERRORS.INVALID_JSON.code, message: 'not JSON' } : { ok: false, code: ERRORS.INTERNAL.code, message: 'keyd failed' };
+          if (!(err instanceof SyntaxError)) opts.logger.error({ err: (err as Error).message }, 'keyd: request failed');
+        }
+        socket.write(JSON.stringify(reply) + '\n');
+      }
+    });
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(opts.socketPath, () => resolve());
+  });
+  // Worker uids (61000-61999) must be able to connect; who may do what is decided per caller, above.
+  chmodSync(opts.socketPath, 0o666);
+  return {
+    server,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        try {
+          unlinkSync(opts.socketPath);
+        } catch {
+          /* gone */
+        }
+      }),
+  };
+}
+
+/** The vault as keyd sees it: re-read (under the keys already derived) whenever the file changes. */
+export function watchedVault(path: string, keys: SealKeys, initial: VaultContents, logger: Logger): () => VaultContents {
+  let current = initial;
+  let stamp = stampOf(path);
+  return () => {
+    const s = stampOf(path);
+    if (s !== stamp) {
+      try {
+        current = readVault(path, keys).contents;
+        stamp = s;
+        logger.info({ requestKeys: current.requestKeys.map((k) => k.id) }, 'keyd: vault changed; reloaded');
+      } catch (err) {
+        logger.error({ code: (err as PhantomaError).code }, 'keyd: the changed vault does not open; keeping the keys it had');
+      }
+    }
+    return current;
+  };
+}
+
+function stampOf(path: string): string {
+  try {
+    const s = statSync(path);
+    return `${s.ino}:${s.size}:${s.mtimeMs}`;
+  } catch {
+    return 'missing';
+  }
+}
