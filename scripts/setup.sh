@@ -10,7 +10,9 @@ cd "$root"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # 1. Debian packages the build and tests need (installed only when missing).
-apt_packages=(ca-certificates curl python3 make g++ git)
+# clang, llvm, libbpf-dev, bpftool, libelf-dev, zlib1g-dev: the egress BPF programs and the warden's
+# loader (issue 9); iproute2: the egress tests' own network namespaces.
+apt_packages=(ca-certificates curl python3 make g++ git clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev iproute2 docker.io)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -59,6 +61,9 @@ bash scripts/build.sh
 # 5. Native parts: the persistent-threadpool preload library for workers.
 make -s -C native/threadpool
 make -s -C native/addon
+# The warden builds native/egress-bpf first (vmlinux.h from this kernel's BTF, the BPF object, its
+# skeleton), embeds it, and writes build/egress.tags (the tags the gateway verifies; loading needs root).
+make -s -C native/egress-bpf
 make -s -C native/warden
 
 # 6. Test models (deterministic, generated from a seed, cached under .cache/models/).

@@ -85,6 +85,15 @@ export const ERRORS = Object.freeze({
   SEALED_REPLAY: def('sealed_replay', 409, 'invalid_request_error', 4),
   SEALED_REPLAY_MEMORY_FULL: def('sealed_replay_memory_full', 503, 'server_error', 5),
   SEALED_OPEN_FAILED: def('sealed_open_failed', 400, 'invalid_request_error', 2),
+  RECEIPT_INVALID: def('receipt_invalid', 502, 'server_error', 6),
+  // control plane and licensing (issue 11)
+  CONTROL_PLANE_UNREACHABLE: def('control_plane_unreachable', 502, 'server_error', 10),
+  CONTROL_PLANE_PIN_MISMATCH: def('control_plane_pin_mismatch', 502, 'server_error', 10),
+  CONTROL_PLANE_REFUSED: def('control_plane_refused', 502, 'server_error', 10),
+  LEASE_INVALID: def('lease_invalid', 502, 'server_error', 10),
+  NOT_ENROLLED: def('not_enrolled', 503, 'server_error', 10),
+  LICENSE_EXPIRED: def('license_expired', 503, 'server_error', 10),
+  LICENSE_REVOKED: def('license_revoked', 503, 'server_error', 10),
   // generic
   INTERNAL: def('internal_error', 500, 'server_error', 1),
 });

@@ -11,6 +11,7 @@ import { readGgufSummary } from './models/gguf-reader.ts';
 import { createProcessBackend } from './ephemeral/process-backend.ts';
 import { createWardenClient } from './ephemeral/warden-client.ts';
 import { createWardenBackend } from './ephemeral/warden-backend.ts';
+import { connectDockerBackend } from './ephemeral/docker-connect.ts';
 import { startWardenProcess, type WardenProcess } from './ephemeral/warden-process.ts';
 import { workerCommand } from './ephemeral/worker-command.ts';
 import type { WorkerBackend } from './ephemeral/backend.ts';
@@ -89,6 +90,7 @@ async function createBackend(config: Readonly<Config>, stateDir: string, log: Lo
     log.warn('workers.backend is "process": workers are NOT isolated (same uid as the gateway, host network and filesystem)');
     return createProcessBackend({ command: cmd, cwd: stateDir, preload: config.inference.persistentThreadpool ? [threadpoolShimPath()] : [] });
   }
+  if (config.workers.backend === 'docker') return connectDockerBackend(config, log, { preloadThreadpool: config.inference.persistentThreadpool });
   const client = createWardenClient({ socketPath: config.warden.socket });
   try {
     const status = await client.ping();

@@ -96,7 +96,7 @@ export async function leaseKeyCertificate(key: LeaseKey, opts: { days?: number; 
     notBefore,
     notAfter: new Date(notBefore.getTime() + (opts.days ?? 3650) * 86_400_000),
     signingAlgorithm: { name: 'Ed25519' },
-    keys: { privateKey, publicKey } as unknown as CryptoKeyPair,
+    keys: { privateKey, publicKey } as unknown as webcrypto.CryptoKeyPair,
     extensions: [new x509.BasicConstraintsExtension(false, undefined, true), new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true)],
   });
   return { key: key.privateKey.export({ format: 'pem', type: 'pkcs8' }) as string, cert: cert.toString('pem') + '\n' };

@@ -52,4 +52,21 @@ struct egress_allow6 {
   __u8 addr[16];
 };
 
+/* watch.bpf.c: a ptrace or process_vm_readv/writev call (detection only; the warden reports those aimed
+ * at a worker or the gateway). */
+#define WATCH_PTRACE 1
+#define WATCH_VM_READV 2
+#define WATCH_VM_WRITEV 3
+
+struct watch_event {
+  __u64 ts_ns;
+  __u64 cgroup_id; /* the caller's */
+  __u64 request;   /* ptrace request; 0 for process_vm_* */
+  __u32 pid;       /* the caller's tgid */
+  __u32 target;    /* the pid argument */
+  __u8 kind;
+  __u8 pad[7];
+  char comm[16];
+};
+
 #endif

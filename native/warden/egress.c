@@ -10,6 +10,7 @@
 #include <limits.h>
 #include <linux/bpf.h>
 #include <linux/magic.h>
+#include <libgen.h>
 #include <linux/types.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -32,6 +33,7 @@
 #include "egress.h"
 #include "egress_event.h"
 #include "egress.skel.h"
+#include "watch.skel.h"
 
 #define BPFFS "/sys/fs/bpf"
 #define N_PROGS 5
@@ -61,6 +63,11 @@ static unsigned long long events_sent, events_dropped;
 static unsigned long long probe_cg_ids[4];
 static int probe_l4 = -1, probe_l6 = -1, probe_u4 = -1;
 static unsigned short probe_p4, probe_p6, probe_pu4;
+/* ptrace / process_vm_* detection (watch.bpf.c): reported when the target is a worker or the gateway. */
+static struct watch_bpf *watch;
+static uid_t client_uid;
+static char workers_rel[PATH_MAX]; /* workers/ relative to the cgroup2 root, as /proc/<pid>/cgroup says */
+static unsigned long long watch_reported;
 
 static void elog(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void elog(const char *fmt, ...) {
@@ -247,8 +254,93 @@ static int listen_on(int family, int type, unsigned short *port) {
 }
 
 static int on_event(void *ctx, void *data, size_t size);
+static int on_watch(void *ctx, void *data, size_t size);
 
-int egress_init(const char *parent, const char *workers) {
+/* The tracepoints need tracefs (libbpf reads the event ids there); mount it where it is missing. Detection
+ * only: a failure here is logged and shown in EGRESS_STATUS (watch=off), it does not stop the warden. */
+static void watch_start(void) {
+  struct statfs sf;
+  if (statfs("/sys/kernel/tracing/events", &sf) != 0 && mount("tracefs", "/sys/kernel/tracing", "tracefs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL))
+    elog("cannot mount tracefs on /sys/kernel/tracing: %s", strerror(errno));
+  /* workers/ relative to the cgroup2 root: the shortest prefix of its path that is a cgroup2 mount */
+  struct statfs top;
+  char mp[PATH_MAX];
+  snprintf(mp, sizeof mp, "%s", workers_dir);
+  workers_rel[0] = 0;
+  for (size_t i = 1; mp[i]; i++) {
+    if (mp[i] != '/') continue;
+    mp[i] = 0;
+    if (statfs(mp, &top) == 0 && top.f_type == CGROUP2_SUPER_MAGIC) {
+      snprintf(workers_rel, sizeof workers_rel, "%s", workers_dir + i);
+      break;
+    }
+    mp[i] = '/';
+  }
+  watch = watch_bpf__open_and_load();
+  if (!watch || watch_bpf__attach(watch) || ring_buffer__add(rb, bpf_map__fd(watch->maps.watch_events), on_watch, NULL)) {
+    elog("ptrace/process_vm detection NOT active: %s", strerror(errno));
+    if (watch) watch_bpf__destroy(watch);
+    watch = NULL;
+    return;
+  }
+  elog("ptrace/process_vm detection active for targets in %s and uid %u", workers_rel[0] ? workers_rel : "?", (unsigned)client_uid);
+}
+
+/* "worker", "gateway" (a process of the client uid) or NULL for anything else. */
+static const char *watched_target(unsigned pid) {
+  char p[64], buf[4096];
+  snprintf(p, sizeof p, "/proc/%u/cgroup", pid);
+  int fd = open(p, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return NULL;
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return NULL;
+  buf[n] = 0;
+  size_t wl = strlen(workers_rel);
+  for (char *line = buf; line && *line;) {
+    char *nl = strchr(line, '\n');
+    if (nl) *nl = 0;
+    if (!strncmp(line, "0::", 3) && wl && !strncmp(line + 3, workers_rel, wl) && (line[3 + wl] == '/' || line[3 + wl] == 0)) return "worker";
+    line = nl ? nl + 1 : NULL;
+  }
+  snprintf(p, sizeof p, "/proc/%u/status", pid);
+  fd = open(p, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return NULL;
+  n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return NULL;
+  buf[n] = 0;
+  char *u = strstr(buf, "\nUid:");
+  unsigned ruid;
+  if (u && sscanf(u + 5, "%u", &ruid) == 1 && ruid == (unsigned)client_uid) return "gateway";
+  return NULL;
+}
+
+static void broadcast(const char *line, int n);
+
+static int on_watch(void *ctx, void *data, size_t size) {
+  (void)ctx;
+  const struct watch_event *e = data;
+  if (size < sizeof *e) return 0;
+  const char *what = watched_target(e->target);
+  if (!what) return 0;
+  static const char *KIND[] = {"?", "ptrace", "process_vm_readv", "process_vm_writev"};
+  char comm[17];
+  size_t j = 0;
+  for (size_t i = 0; i < sizeof e->comm && e->comm[i]; i++)
+    comm[j++] = (e->comm[i] > 0x20 && e->comm[i] < 0x7f && e->comm[i] != '=') ? e->comm[i] : '_';
+  comm[j] = 0;
+  char line[384];
+  int n = snprintf(line, sizeof line, "AUDIT ts=%llu kind=%s request=%llu pid=%u comm=%s cgroup=%llu target=%u target_is=%s\n", (unsigned long long)e->ts_ns,
+                   KIND[e->kind < 4 ? e->kind : 0], (unsigned long long)e->request, e->pid, j ? comm : "-", (unsigned long long)e->cgroup_id, e->target, what);
+  watch_reported++;
+  elog("%.*s", n - 1, line);
+  broadcast(line, n);
+  return 0;
+}
+
+int egress_init(const char *parent, const char *workers, uid_t client) {
+  client_uid = client;
   libbpf_set_print(libbpf_log);
   for (int i = 0; i < MAX_SUBSCRIBERS; i++) subscribers[i] = -1;
   snprintf(workers_dir, sizeof workers_dir, "%s", workers);
@@ -271,6 +363,7 @@ int egress_init(const char *parent, const char *workers) {
   probe_l6 = listen_on(AF_INET6, SOCK_STREAM, &probe_p6); /* absent where IPv6 is off */
   if (probe_l4 < 0 || probe_u4 < 0) return elog("probe listeners: %s", strerror(errno)), -EIO;
   enabled = true;
+  watch_start();
   elog("attached to %s (cgroup %llu) and %s (cgroup %llu); pinned under %s", sets[0].cg, sets[0].cg_id, sets[1].cg, sets[1].cg_id, pin_root);
   return 0;
 }
@@ -309,6 +402,11 @@ static int on_event(void *ctx, void *data, size_t size) {
   int n = snprintf(line, sizeof line, "EVENT ts=%llu set=%s hook=%s pid=%u comm=%s cgroup=%llu proto=%s dst=%s port=%u probe=%d\n",
                    (unsigned long long)e->ts_ns, SET_NAME[s - sets], hook, e->pid, comm, (unsigned long long)e->cgroup_id,
                    proto_name(e->proto, pb, sizeof pb), addr, e->port, probe);
+  broadcast(line, n);
+  return 0;
+}
+
+static void broadcast(const char *line, int n) {
   for (int i = 0; i < MAX_SUBSCRIBERS; i++) {
     if (subscribers[i] < 0) continue;
     ssize_t w = send(subscribers[i], line, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -321,7 +419,6 @@ static int on_event(void *ctx, void *data, size_t size) {
       subscribers[i] = -1;
     }
   }
-  return 0;
 }
 
 static void do_events(int cfd, uid_t peer, bool *keep) {
@@ -433,7 +530,9 @@ static void do_status(int cfd) {
     len += (size_t)snprintf(buf + len, sizeof buf - len, " %s.denied=%llu %s.allowed=%llu %s.lost=%llu", SET_NAME[k], denied, SET_NAME[k], allowed,
                             SET_NAME[k], counter(&sets[k], EGRESS_COUNT_LOST));
   }
-  if (len < sizeof buf) snprintf(buf + len, sizeof buf - len, " events.sent=%llu events.dropped=%llu", events_sent, events_dropped);
+  if (len < sizeof buf)
+    snprintf(buf + len, sizeof buf - len, " events.sent=%llu events.dropped=%llu watch=%s watch.reported=%llu", events_sent, events_dropped, watch ? "on" : "off",
+             watch_reported);
   say(cfd, "%s", buf);
 }
 

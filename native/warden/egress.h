@@ -7,7 +7,7 @@
 #include <sys/types.h>
 
 /* Loads, attaches and pins; parent is <base>/<NAME>, workers its workers/ dir (v2). 0 or -errno. */
-int egress_init(const char *parent, const char *workers);
+int egress_init(const char *parent, const char *workers, uid_t client_uid);
 /* The fd to poll for deny events (-1 when egress is off), and what to call when it is readable. */
 int egress_event_fd(void);
 void egress_drain(void);

@@ -1014,7 +1014,7 @@ int main(int argc, char **argv) {
     char parent[PATH_MAX];
     snprintf(parent, sizeof parent, "%s", hier[H_V2].workers);
     *strrchr(parent, '/') = 0;
-    if ((r = egress_init(parent, hier[H_V2].workers))) return logf_("egress filter set-up failed: %s", strerror(-r)), 1;
+    if ((r = egress_init(parent, hier[H_V2].workers, cfg.client_uid))) return logf_("egress filter set-up failed: %s", strerror(-r)), 1;
   } else {
     logf_("egress filter OFF (--egress off): workers rely on their empty network namespace alone");
   }

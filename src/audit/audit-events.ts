@@ -55,6 +55,12 @@ export const AUDIT_EVENTS = {
     probe: bool,
   },
   egress_state: { verified: bool, policyHash: { kind: 'id', max: 64 }, code: { kind: 'id', max: 64, optional: true } },
+  // a ptrace / process_vm_readv / process_vm_writev call aimed at a worker or the gateway (detected, not prevented)
+  ptrace_detected: { kind: { kind: 'id', max: 32 }, request: int, pid: int, callerCgroupId: int, target: int, targetIs: { kind: 'id', max: 16 } },
+  // keyd (issue 7): a refused caller (not a worker, a second decapsulation, not the gateway, an unknown or
+  // expired request key) and each worker's one decapsulation
+  keyd_refusal: { op: { kind: 'id', max: 32 }, code: { kind: 'id', max: 64 }, reason: { kind: 'id', max: 32 }, uid: int, workerId: { kind: 'id', optional: true } },
+  keyd_decapsulated: { workerId: id, keyId: { kind: 'id', max: 16 } },
 } as const satisfies Record<string, Record<string, FieldSpec>>;
 
 export type AuditEventType = keyof typeof AUDIT_EVENTS;

@@ -81,6 +81,11 @@ export interface AuditLogOptions {
   maxFiles?: number;
   /** fsync after every append (default true; off only for benchmarks). */
   fsync?: boolean;
+  /**
+   * Another closed vocabulary for a log in the same format (the heartbeat ledger, src/control/ledger.ts).
+   * Same contract as checkAuditEvent: the problem, or undefined and `fields` filled in order.
+   */
+  check?: (event: unknown, fields: Array<[string, string | number | boolean]>) => string | undefined;
 }
 
 /** `<stateDir>/audit`, stateDir resolved like every configured path. */
@@ -322,7 +327,7 @@ export function createAuditLog(options: AuditLogOptions): AuditLog {
       if (closed) throw new Error('audit log is closed');
       if (failed !== undefined) throw new PhantomaError(CHAIN_BROKEN, `audit log in ${dir} failed earlier and takes no more entries`, { cause: failed });
       const fields: Array<[string, string | number | boolean]> = [];
-      const problem = checkAuditEvent(event, fields);
+      const problem = (options.check ?? checkAuditEvent)(event, fields);
       if (problem) throw new PhantomaError(EVENT_REFUSED, `audit event refused: ${problem}`);
       const entry: Record<string, unknown> = { seq: (last?.seq ?? 0) + 1, time: clock().toISOString(), type: event.type };
       for (const [k, v] of fields) entry[k] = v;

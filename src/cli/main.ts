@@ -14,11 +14,14 @@ import { serveCommand } from './serve.ts';
 import { apikeysCommand } from './apikeys.ts';
 import { keysCommand } from './keys.ts';
 import { chatCommand } from './chat.ts';
+import { proxyCommand } from './proxy.ts';
+import { clientKeyCommand } from './client-key.ts';
 import { auditCommand } from './audit.ts';
 import { doctorCommand } from './doctor.ts';
 import { egressCommand } from './egress.ts';
 import { vaultCommand } from './vault.ts';
 import { clientsCommand } from './clients.ts';
+import { keydCommand } from './keyd.ts';
 
 export interface CommandContext {
   args: string[];
@@ -38,10 +41,13 @@ export interface Command {
 const COMMANDS: Record<string, Command> = {
   serve: serveCommand,
   chat: chatCommand,
+  proxy: proxyCommand,
+  'client-key': clientKeyCommand,
   apikeys: apikeysCommand,
   keys: keysCommand,
   vault: vaultCommand,
   clients: clientsCommand,
+  keyd: keydCommand,
   audit: auditCommand,
   doctor: doctorCommand,
   egress: egressCommand,

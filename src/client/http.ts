@@ -19,6 +19,24 @@ export function normaliseFingerprint(fp: string): string {
   return hex.match(/.{2}/g)?.join(':') ?? '';
 }
 
+/**
+ * The certificate fingerprint a TLS server presents, read without trusting it. For the sealed API, whose
+ * trust comes from the pinned identity key: the key document signed by it names the certificate, and the
+ * client then pins that (src/client/sealed.ts).
+ */
+export async function presentedFingerprint(url: string): Promise<string> {
+  const u = new URL(url);
+  const socket = tls.connect({ host: u.hostname.replace(/^\[|\]$/g, ''), port: Number(u.port || 443), servername: /^[\d.]+$|:/.test(u.hostname) ? undefined : u.hostname, rejectUnauthorized: false, ALPNProtocols: ['http/1.1'] });
+  try {
+    await once(socket, 'secureConnect');
+    return normaliseFingerprint(socket.getPeerCertificate().fingerprint256 ?? '');
+  } catch (err) {
+    throw new PhantomaError(ERRORS.NODE_UNREACHABLE, `cannot reach ${u.host}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  } finally {
+    socket.destroy();
+  }
+}
+
 async function connectPinned(u: URL, pin: string): Promise<tls.TLSSocket> {
   const socket = tls.connect({ host: u.hostname.replace(/^\[|\]$/g, ''), port: Number(u.port || 443), servername: /^[\d.]+$|:/.test(u.hostname) ? undefined : u.hostname, rejectUnauthorized: false, ALPNProtocols: ['http/1.1'] });
   try {
@@ -40,12 +58,19 @@ export interface ApiResponse {
   body: http.IncomingMessage;
 }
 
+/** A body sent as it is (a sealed envelope), not as JSON. */
+export interface RawBody {
+  bytes: Uint8Array;
+  contentType: string;
+}
+
 export async function request(endpoint: NodeEndpoint, method: string, path: string, body?: unknown, signal?: AbortSignal): Promise<ApiResponse> {
   const u = new URL(path, endpoint.url);
-  const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+  const raw = body instanceof Object && 'bytes' in body && 'contentType' in body ? (body as RawBody) : undefined;
+  const payload = body === undefined ? undefined : raw ? Buffer.from(raw.bytes) : Buffer.from(JSON.stringify(body));
   const headers: http.OutgoingHttpHeaders = {
     accept: 'application/json, text/event-stream',
-    ...(payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {}),
+    ...(payload ? { 'content-type': raw ? raw.contentType : 'application/json', 'content-length': payload.length } : {}),
     ...(endpoint.apiKey ? { authorization: `Bearer ${endpoint.apiKey}` } : {}),
   };
   const opts: http.RequestOptions = { method, path: u.pathname + u.search, headers, ...(signal ? { signal } : {}) };

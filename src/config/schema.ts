@@ -67,9 +67,9 @@ export const ConfigSchema = Type.Object(
     ),
     workers: Type.Object(
       {
-        backend: Type.Union([Type.Literal('warden'), Type.Literal('process')], {
+        backend: Type.Union([Type.Literal('warden'), Type.Literal('process'), Type.Literal('docker')], {
           default: 'warden',
-          description: 'warden: isolated workers (own uid, namespaces, cgroups, tmpfs); process: plain child processes, no isolation',
+          description: 'warden: isolated workers (own uid, namespaces, cgroups, tmpfs); docker: the same in throwaway containers (see docker.*); process: plain child processes, no isolation',
         }),
         memoryMaxBytes: Type.Integer({ minimum: 64 << 20, maximum: 2 ** 40, default: 4 * 2 ** 30, description: 'memory limit per worker (warden)' }),
         pidsMax: Type.Integer({ minimum: 8, maximum: 65536, default: 128, description: 'process/thread limit per worker (warden)' }),
@@ -95,6 +95,24 @@ export const ConfigSchema = Type.Object(
         }),
         checkIntervalMs: Type.Integer({ minimum: 200, maximum: 600_000, default: 5000, description: "how often the filter's attachment is re-checked (BPF_PROG_QUERY via the warden)" }),
         probeIntervalMs: Type.Integer({ minimum: 1000, maximum: 86_400_000, default: 60_000, description: 'how often the live probe runs (also at start and after any failure)' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    docker: Type.Object(
+      {
+        socket: Type.String({ minLength: 1, default: '/var/run/docker.sock', description: "dockerd's API socket (workers.backend docker); never mounted into a worker" }),
+        image: Type.String({
+          pattern: '^(auto|[a-z0-9][a-z0-9._/-]*:[A-Za-z0-9._-]+)$',
+          default: 'auto',
+          description: 'worker image; auto: phantoma-worker:<digest of this installation\'s files>, made by `phantoma docker build-image`',
+        }),
+        cgroupParent: Type.String({
+          pattern: '^/[A-Za-z0-9._/-]{1,200}$',
+          default: '/phantoma/workers',
+          description: "CgroupParent of worker containers: the warden's workers/ cgroup, so its egress filter applies (cgroupfs driver path)",
+        }),
+        cpus: Type.Number({ minimum: 0.01, maximum: 256, default: 2, description: 'CPU limit per worker container (NanoCpus)' }),
+        keydSocket: Type.Optional(Type.String({ pattern: '^/', description: "host path of keyd's worker socket, bind-mounted at /run/phantoma/keyd.sock in each worker (unset: not mounted)" })),
       },
       { additionalProperties: false, default: {} },
     ),

@@ -3,8 +3,10 @@
 // describes the messages; every schema is closed (no unknown fields) and every string and number bounded.
 //
 // Signatures: Ed25519 over  `<domain>\n` ‖ canonicalJson(object)  where canonicalJson is the audit log's
-// encoding (object keys sorted by code point at every level, no whitespace, JSON.stringify for scalars,
-// UTF-8). The domain string keeps a heartbeat signature from ever verifying as a lease or an enrolment.
+// encoding (object keys sorted at every level, no whitespace, JSON.stringify for scalars, UTF-8). The
+// node's domain is keyd's heartbeat purpose, `phantoma/heartbeat/v1` (src/vault/signing.ts), so keyd signs
+// heartbeats without knowing their shape; the enrolment claim is signed under the same purpose and is kept
+// apart from a heartbeat by its closed schema (no object satisfies both). Leases use `phantoma/lease/v1`.
 import { createHash, createPublicKey, sign as edSign, verify as edVerify, type KeyObject } from 'node:crypto';
 import { Type, type Static, type TSchema } from '@sinclair/typebox';
 import { TypeCompiler, type TypeCheck } from '@sinclair/typebox/compiler';
@@ -14,9 +16,9 @@ export { canonicalJson };
 
 export const PROTOCOL_VERSION = 1;
 export const DOMAIN = Object.freeze({
-  heartbeat: 'phantoma-heartbeat-v1',
-  lease: 'phantoma-lease-v1',
-  enrol: 'phantoma-enrol-v1',
+  heartbeat: 'phantoma/heartbeat/v1',
+  enrol: 'phantoma/heartbeat/v1',
+  lease: 'phantoma/lease/v1',
 });
 /** Largest request body the control plane reads (enrolment or heartbeat); the default body limit. */
 export const MAX_REQUEST_BYTES = 4096;
@@ -132,6 +134,11 @@ export function schemaProblem<T extends TSchema>(check: TypeCheck<T>, value: unk
   if (!first) return undefined;
   const path = first.path.replace(/^\//, '').replaceAll('/', '.') || 'body';
   return /additional/i.test(first.message) ? `${path}: unknown field (the schema is closed)` : `${path}: ${first.message}`;
+}
+
+/** What a node signer is handed: the canonical JSON; the signer prefixes its purpose (keyd's `sign`). */
+export function canonicalBytes(value: unknown): Buffer {
+  return Buffer.from(canonicalJson(value), 'utf8');
 }
 
 export function signingBytes(domain: string, value: unknown): Buffer {

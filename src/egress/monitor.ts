@@ -7,7 +7,7 @@ import { Counter, Gauge, type Registry } from 'prom-client';
 import type { Logger } from '../logger.ts';
 import type { AuditEvent } from '../audit/audit-events.ts';
 import { checkStatus, egressPolicyHash, type ExpectedTags } from './policy.ts';
-import type { DenyEvent, EgressClient, EgressStatus, EventStream } from './warden-egress.ts';
+import type { DenyEvent, EgressClient, EgressStatus, EventStream, WatchEvent } from './warden-egress.ts';
 
 export interface EgressMonitorOptions {
   mode: 'enforce' | 'off';
@@ -80,11 +80,20 @@ export function createEgressMonitor(o: EgressMonitorOptions): EgressMonitor {
     o.audit?.({ type: 'egress_denied', set: e.set, hook: e.hook, pid: e.pid, cgroupId: e.cgroupId, proto: e.proto, dst: e.dst === '-' ? 'none' : e.dst, port: e.port, probe: e.probe });
   };
 
+  const watched = o.registry
+    ? new Counter({ name: 'phantoma_ptrace_detected_total', help: 'ptrace / process_vm_* calls aimed at a worker or the gateway (detected by tracepoints)', labelNames: ['kind', 'target'] as const, registers: [o.registry] })
+    : undefined;
+  const onWatch = (e: WatchEvent): void => {
+    watched?.inc({ kind: e.kind, target: e.targetIs });
+    log.warn({ kind: e.kind, request: e.request, pid: e.pid, comm: e.comm, cgroupId: e.cgroupId, target: e.target, targetIs: e.targetIs }, 'ptrace/process_vm call aimed at a protected process');
+    o.audit?.({ type: 'ptrace_detected', kind: e.kind, request: e.request, pid: e.pid, callerCgroupId: e.cgroupId, target: e.target, targetIs: e.targetIs });
+  };
+
   const subscribe = async (): Promise<void> => {
     if (stream || subscribing || closed) return;
     subscribing = true;
     try {
-      const s = await o.client.events(onDeny);
+      const s = await o.client.events(onDeny, onWatch);
       if (closed) return s.close();
       stream = s;
       void s.closed.then(() => {

@@ -38,6 +38,9 @@ export interface EgressStatus {
   downloadAllow?: string[];
   eventsSent?: number;
   eventsDropped?: number;
+  /** ptrace/process_vm detection attached, and how many it reported. */
+  watch?: boolean;
+  watchReported?: number;
 }
 
 export interface ProbeResult {
@@ -63,6 +66,18 @@ export interface DenyEvent {
   probe: boolean;
 }
 
+/** A ptrace / process_vm_readv / process_vm_writev call aimed at a worker or the gateway (detection). */
+export interface WatchEvent {
+  ts: bigint;
+  kind: string;
+  request: number;
+  pid: number;
+  comm: string;
+  cgroupId: number;
+  target: number;
+  targetIs: 'worker' | 'gateway';
+}
+
 export interface EventStream {
   close(): void;
   readonly closed: Promise<void>;
@@ -73,8 +88,8 @@ export interface EgressClient {
   probe(): Promise<ProbeResult>;
   allow(proto: 'tcp' | 'udp', cidr: string, port: number): Promise<void>;
   deny(proto: 'tcp' | 'udp', cidr: string, port: number): Promise<void>;
-  /** Streams deny events until close() or the warden goes away (then `closed` settles). */
-  events(onEvent: (e: DenyEvent) => void): Promise<EventStream>;
+  /** Streams deny events (and ptrace/process_vm detections) until close() or the warden goes away. */
+  events(onEvent: (e: DenyEvent) => void, onWatch?: (e: WatchEvent) => void): Promise<EventStream>;
 }
 
 function kv(text: string): Map<string, string> {
@@ -128,6 +143,8 @@ export function parseStatus(body: string): EgressStatus {
     downloadAllow: allow === '-' ? [] : allow.split(','),
     eventsSent: num('events.sent'),
     eventsDropped: num('events.dropped'),
+    watch: m.get('watch') === 'on',
+    watchReported: Number(m.get('watch.reported') ?? 0),
   };
 }
 
@@ -136,6 +153,21 @@ export function parseProbe(body: string): ProbeResult {
   const attempts: Record<string, string> = {};
   for (const k of ['tcp4', 'mapped', 'tcp6', 'udp4']) attempts[k] = m.get(k) ?? 'none';
   return { refused: m.get('refused') === '1', attempts, reached: Number(m.get('reached') ?? NaN), ms: Number(m.get('ms') ?? NaN), detail: body };
+}
+
+export function parseWatch(line: string): WatchEvent | undefined {
+  if (!line.startsWith('AUDIT ')) return undefined;
+  const m = kv(line.slice(6));
+  return {
+    ts: BigInt(m.get('ts') ?? '0'),
+    kind: m.get('kind') ?? '?',
+    request: Number(m.get('request')),
+    pid: Number(m.get('pid')),
+    comm: m.get('comm') ?? '-',
+    cgroupId: Number(m.get('cgroup')),
+    target: Number(m.get('target')),
+    targetIs: m.get('target_is') === 'gateway' ? 'gateway' : 'worker',
+  };
 }
 
 export function parseEvent(line: string): DenyEvent | undefined {
@@ -215,7 +247,7 @@ export function createEgressClient(opts: { socketPath: string; timeoutMs?: numbe
     async deny(proto, cidr, port) {
       await once(['DENY', proto, cidr, String(port)]);
     },
-    async events(onEvent) {
+    async events(onEvent, onWatch) {
       const { line, socket } = await request(opts.socketPath, ['EVENTS'], timeoutMs);
       try {
         parseLine(line);
@@ -228,7 +260,9 @@ export function createEgressClient(opts: { socketPath: string; timeoutMs?: numbe
       const rl = createInterface({ input: socket });
       rl.on('line', (l) => {
         const e = parseEvent(l);
-        if (e) onEvent(e);
+        if (e) return onEvent(e);
+        const w = parseWatch(l);
+        if (w) onWatch?.(w);
       });
       socket.resume();
       return { close: () => socket.destroy(), closed };

@@ -93,18 +93,21 @@ export function workerPackageDirs(root: string): string[] {
 /** Shared libraries (and the ELF interpreter) that the given binaries load, as ldd reports them. */
 export function sharedLibraries(binaries: readonly string[]): string[] {
   const libs = new Set<string>();
-  for (const bin of binaries) {
-    let out: string;
-    try {
-      out = execFileSync('ldd', [bin], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
-    } catch {
-      continue; // "not a dynamic executable" (a script, a static binary)
-    }
-    for (const line of out.split('\n')) {
-      const m = /=>\s+(\/\S+)\s+\(/.exec(line) ?? /^\s*(\/\S+)\s+\(/.exec(line);
-      if (m) libs.add(m[1]!);
-      else if (/=> not found/.test(line)) throw new PhantomaError(ERRORS.CONFIG_INVALID, `${bin} needs a library this host does not have: ${line.trim()}`);
-    }
+  if (binaries.length === 0) return [];
+  let out: string;
+  try {
+    // One ldd for all: it prints a "path:" header, then that binary's libraries.
+    out = execFileSync('ldd', [...binaries], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  } catch (err) {
+    // ldd exits non-zero when any argument is not dynamic; what it printed is still right.
+    out = String((err as { stdout?: string }).stdout ?? '');
+  }
+  let bin = '';
+  for (const line of out.split('\n')) {
+    if (/^\S.*:$/.test(line)) bin = line.slice(0, -1);
+    const m = /=>\s+(\/\S+)\s+\(/.exec(line) ?? /^\s*(\/\S+)\s+\(/.exec(line);
+    if (m) libs.add(m[1]!);
+    else if (/=> not found/.test(line)) throw new PhantomaError(ERRORS.CONFIG_INVALID, `${bin} needs a library this host does not have: ${line.trim()}`);
   }
   return [...libs].sort();
 }

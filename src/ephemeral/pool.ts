@@ -45,10 +45,22 @@ export interface JobResult {
   usage: Usage;
   firstTokenMs: number | null;
   generateMs: number;
+  /** A sealed job: whether the worker's sealed answer ended in its `done` or its `error` event. */
+  sealedOutcome?: 'ok' | 'error';
+}
+
+/** How the worker's end went, for a receipt: killed, and (warden) its cgroup verified empty and removed. */
+export interface JobEnd {
+  verified: boolean;
+  ms: number | null;
 }
 
 export interface RunOptions {
   onChunk(text: string): void;
+  /** A sealed chunk (base64), relayed to the client as it is. */
+  onSealed?(data: string, final: boolean): void;
+  /** Called once the worker has ended, before the job's promise settles, whatever the outcome. */
+  onEnded?(end: JobEnd): void;
   /** Aborted when the client goes away: the worker is killed at once. */
   signal?: AbortSignal;
   timeoutMs: number;
@@ -182,8 +194,8 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
   }
 
   function makeLease(w: LiveWorker): Lease {
-    let ended: Promise<void> | undefined;
-    const end = (outcome: JobOutcome, immediately: boolean): Promise<void> => {
+    let ended: Promise<JobEnd> | undefined;
+    const end = (outcome: JobOutcome, immediately: boolean): Promise<JobEnd> => {
       ended ??= (async () => {
         if (!immediately) {
           const graceful = await Promise.race([w.handle.exited.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), exitGraceMs).unref())]);
@@ -194,16 +206,18 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
         const end = w.handle.endResult ? await w.handle.endResult.catch(() => ({ verified: false, ms: null, error: 'no_answer' })) : undefined;
         active--;
         if (end && !end.verified) log.error({ workerId: w.handle.id, error: end.error }, 'worker end NOT verified');
-        opts.observer?.workerEnded?.(opts.spec.modelName, outcome, w.handle.id, end?.ms ?? performance.now() - endStart, end ? end.verified : true, end?.error);
+        const endMs = end?.ms ?? performance.now() - endStart;
+        opts.observer?.workerEnded?.(opts.spec.modelName, outcome, w.handle.id, endMs, end ? end.verified : true, end?.error);
         dispatch();
         refill();
+        return { verified: end ? end.verified : true, ms: end ? end.ms : endMs };
       })();
       return ended;
     };
     return {
       workerId: w.handle.id,
       pid: w.handle.pid,
-      release: () => end('unused', true),
+      release: () => end('unused', true).then(() => undefined),
       run(job, run) {
         return new Promise<JobResult>((resolve, reject) => {
           let settled = false;
@@ -221,7 +235,11 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
             w.onMessage = undefined;
             const ending = end(outcome, outcome !== 'ok');
             // Resolve only once the worker is gone: "answered" implies "ended".
-            void ending.then(() => (err ? reject(err) : resolve(result!)));
+            void ending.then((e) => {
+              run.onEnded?.(e);
+              if (err) reject(err);
+              else resolve(result!);
+            });
           };
           const onAbort = (): void => finish('client_closed', new PhantomaError(ERRORS.CLIENT_CLOSED, 'the client closed the connection'));
           const timer = setTimeout(
@@ -232,7 +250,10 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
           run.signal?.addEventListener('abort', onAbort, { once: true });
           w.onMessage = (m) => {
             if (m.type === 'chunk') run.onChunk(m.text);
-            else if (m.type === 'done') finish('ok', undefined, { finishReason: m.finishReason, usage: m.usage, firstTokenMs: m.firstTokenMs, generateMs: m.generateMs });
+            else if (m.type === 'sealed') run.onSealed?.(m.data, m.final);
+            else if (m.type === 'done') {
+              finish('ok', undefined, { finishReason: m.finishReason, usage: m.usage, firstTokenMs: m.firstTokenMs, generateMs: m.generateMs, ...(m.sealedOutcome ? { sealedOutcome: m.sealedOutcome } : {}) });
+            }
             else if (m.type === 'error') finish(m.code === ERRORS.CONTEXT_LENGTH_EXCEEDED.code ? 'refused' : 'worker_failed', workerError(m.code, m.message));
           };
           void w.handle.exited.then((exit) => {

@@ -4,8 +4,13 @@
 import { encodeMessage, createLineDecoder, type ToWorker, type FromWorker, type JobMessage } from './worker-protocol.ts';
 import { createLogger } from '../logger.ts';
 import { createLlamaRuntime, loadModelFile, createContext, prepareChatWrapper, generateChat, generateCompletion, type GenerateOptions } from '../models/llama.ts';
-import { isPhantomaError } from '../errors.ts';
+import { ERRORS, PhantomaError, isPhantomaError } from '../errors.ts';
 import { setDumpable, mallocTrim } from '../native/addon.ts';
+import { parseEnvelope } from '../sealed/envelope.ts';
+import { deriveSessionKeys, openBody, createChunkSealer } from '../sealed/seal.ts';
+import { jobFromSealedBody, encodeEvent, type SealedEvent } from '../sealed/inner.ts';
+import { createKeydClient } from '../vault/keyd-client.ts';
+import type { LlamaContext, ChatWrapper } from 'node-llama-cpp';
 
 export interface WorkerSpec {
   modelName: string;
@@ -17,6 +22,10 @@ export interface WorkerSpec {
   logLevel: string;
   /** Run a fixed throwaway generation before ready (default true). */
   warmup?: boolean;
+  /** keyd's socket as this worker sees it (the warden binds it at /run/phantoma/keyd.sock); sealed jobs need it. */
+  keydSocket?: string;
+  /** Largest sealed envelope the worker parses (the gateway's cap). */
+  maxEnvelopeBytes?: number;
 }
 
 function send(m: FromWorker): Promise<void> {
@@ -81,6 +90,10 @@ async function main(): Promise<void> {
 
   await send({ type: 'ready', pid: process.pid, model: spec.modelName, contextSize: context.contextSize, loadMs: Math.round(performance.now() - started) });
   const request = await jobArrived.promise;
+  if (request.kind === 'sealed') {
+    await serveSealed(request, { spec, context, chatWrapper, signal: abort.signal });
+    return exit(0);
+  }
   const jobStart = performance.now();
   let firstTokenMs: number | null = null;
   const opts: GenerateOptions = {
@@ -100,6 +113,66 @@ async function main(): Promise<void> {
     generateMs: performance.now() - jobStart,
   });
   await exit(0);
+}
+
+/** Text is sealed in pieces that stay far below the largest chunk bucket, even fully JSON-escaped. */
+const SEALED_TEXT_PIECE = 2048;
+
+/**
+ * A sealed job: one decapsulation at keyd → open the body → run → seal every event. Once the response key
+ * exists, every failure (a body that does not open or validate, a context overflow) goes back sealed; the
+ * gateway learns only that the answer ended in an error.
+ */
+async function serveSealed(request: Extract<JobMessage, { kind: 'sealed' }>, d: { spec: WorkerSpec; context: LlamaContext; chatWrapper: ChatWrapper; signal: AbortSignal }): Promise<void> {
+  const jobStart = performance.now();
+  const envelopeBytes = Buffer.from(request.envelope, 'base64');
+  const env = parseEnvelope(envelopeBytes, d.spec.maxEnvelopeBytes ?? 8 * 1024 * 1024);
+  if (!d.spec.keydSocket) throw new PhantomaError(ERRORS.KEYD_UNAVAILABLE, 'this worker has no keyd socket: sealed requests are not configured');
+  const requestKey = await createKeydClient({ socketPath: d.spec.keydSocket }).decapsulate(env);
+  const keys = deriveSessionKeys(requestKey);
+  requestKey.fill(0);
+  const sealer = createChunkSealer(keys.responseKey);
+  const sendSealed = (e: SealedEvent, final: boolean): Promise<void> => send({ type: 'sealed', data: sealer.seal(encodeEvent(e), final).toString('base64'), final });
+  let firstTokenMs: number | null = null;
+  try {
+    const json = openBody(keys.bodyKey, env.transcriptHash, env.ciphertext);
+    let job: JobMessage;
+    try {
+      job = jobFromSealedBody(json, env, request.requestId, d.context.contextSize).job;
+    } finally {
+      json.fill(0);
+    }
+    if (job.kind === 'sealed') throw new Error('unreachable');
+    let pending = '';
+    const flush = async (): Promise<void> => {
+      while (pending.length > 0) {
+        const piece = pending.slice(0, SEALED_TEXT_PIECE);
+        pending = pending.slice(SEALED_TEXT_PIECE);
+        await sendSealed({ t: 'text', text: piece }, false);
+      }
+    };
+    const opts: GenerateOptions = {
+      ...job.params,
+      signal: d.signal,
+      onText: (text) => {
+        firstTokenMs ??= performance.now() - jobStart;
+        pending += text;
+        // Streamed: each piece of text goes at once. Not streamed: gathered into few large chunks.
+        if (env.stream || pending.length >= SEALED_TEXT_PIECE) void flush();
+      },
+    };
+    const result = job.kind === 'chat' ? await generateChat(d.context, job.messages, { ...opts, chatWrapper: d.chatWrapper }) : await generateCompletion(d.context, job.prompt, opts);
+    await flush();
+    const usage = { prompt_tokens: result.promptTokens, completion_tokens: result.completionTokens, total_tokens: result.promptTokens + result.completionTokens };
+    await sendSealed({ t: 'done', finish_reason: result.finishReason === 'length' ? 'length' : 'stop', usage }, true);
+    await send({ type: 'done', finishReason: result.finishReason, usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs, generateMs: performance.now() - jobStart, sealedOutcome: 'ok' });
+  } catch (err) {
+    const code = isPhantomaError(err) ? err.code : ERRORS.WORKER_FAILED.code;
+    const status = isPhantomaError(err) ? err.status : ERRORS.WORKER_FAILED.status;
+    const message = isPhantomaError(err) ? err.message : 'the worker failed';
+    await sendSealed({ t: 'error', code, status, message }, true);
+    await send({ type: 'done', finishReason: 'stop', usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs, generateMs: performance.now() - jobStart, sealedOutcome: 'error' });
+  }
 }
 
 main().catch(async (err: unknown) => {

@@ -16,7 +16,9 @@ export interface SamplingParams {
 
 export type JobMessage =
   | { type: 'job'; kind: 'chat'; requestId: string; messages: Array<{ role: 'system' | 'user' | 'assistant'; content: string }>; params: SamplingParams }
-  | { type: 'job'; kind: 'completion'; requestId: string; prompt: string; params: SamplingParams };
+  | { type: 'job'; kind: 'completion'; requestId: string; prompt: string; params: SamplingParams }
+  /** A sealed request (docs/protocol.md): the whole envelope, base64; only this worker can open it. */
+  | { type: 'job'; kind: 'sealed'; requestId: string; envelope: string };
 
 export type ToWorker = JobMessage | { type: 'cancel' };
 
@@ -28,7 +30,17 @@ export interface Usage {
 export type FromWorker =
   | { type: 'ready'; pid: number; model: string; contextSize: number; loadMs: number }
   | { type: 'chunk'; text: string }
-  | { type: 'done'; finishReason: 'stop' | 'length' | 'abort'; usage: Usage; firstTokenMs: number | null; generateMs: number }
+  /** A sealed chunk for the client (base64 of `u8 final ‖ AES-256-GCM(...)`): the gateway relays it as is. */
+  | { type: 'sealed'; data: string; final: boolean }
+  | {
+      type: 'done';
+      finishReason: 'stop' | 'length' | 'abort';
+      usage: Usage;
+      firstTokenMs: number | null;
+      generateMs: number;
+      /** Sealed jobs only: the answer's last sealed event was `done` (ok) or `error`; usage is not reported. */
+      sealedOutcome?: 'ok' | 'error';
+    }
   | { type: 'error'; code: string; message: string };
 
 export function encodeMessage(m: ToWorker | FromWorker): string {

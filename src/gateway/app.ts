@@ -13,6 +13,8 @@ import type { JobMessage } from '../ephemeral/worker-protocol.ts';
 import type { ApiKeyStore } from './api-keys.ts';
 import type { GatewayMetrics } from './metrics.ts';
 import type { AuditEvent } from '../audit/audit-events.ts';
+import { KEY_DOCUMENT_PATH, type KeyDocumentSource } from './key-document.ts';
+import { registerSealedRoute, type SealedApiDeps } from './sealed-route.ts';
 import {
   ChatCompletionRequest,
   CompletionRequest,
@@ -40,6 +42,10 @@ export interface GatewayDeps {
   /** Appends to the node's audit log (ids, counts, outcomes; never content). */
   audit?: (event: AuditEvent) => void;
   clock?: () => number;
+  /** The signed key document (issue 7), served when the node has a vault and keyd. */
+  keyDocument?: KeyDocumentSource;
+  /** The sealed API (issue 8, docs/protocol.md), when the node has a vault and keyd. */
+  sealed?: SealedApiDeps;
 }
 
 declare module 'fastify' {
@@ -213,6 +219,11 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
   });
 
   app.get('/healthz', async () => ({ status: 'ok' }));
+  if (deps.keyDocument) {
+    const source = deps.keyDocument;
+    // The exact signed bytes, not re-serialised: clients verify the canonical JSON (src/vault/signing.ts).
+    app.get(KEY_DOCUMENT_PATH, async (_request, reply) => reply.type('application/json').header('cache-control', 'no-cache').send(await source.get()));
+  }
   app.get('/readyz', async (_request, reply) => {
     const reasons = deps.models.map((m) => m.pool.notReadyReason()).filter((r): r is string => r !== undefined);
     if (reasons.length > 0) return reply.code(503).send({ ready: false, reasons });
@@ -359,6 +370,10 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
 
   app.post('/v1/chat/completions', { schema: { body: ChatCompletionRequest } }, (request, reply) => serve(request, reply, 'chat', request.body as ChatCompletionRequest));
   app.post('/v1/completions', { schema: { body: CompletionRequest } }, (request, reply) => serve(request, reply, 'completion', request.body as CompletionRequest));
+
+  if (deps.sealed) {
+    registerSealedRoute(app as unknown as FastifyInstance, { ...deps.sealed, modelFor, now, requestTimeoutMs: config.requestTimeoutMs, observe, ...(deps.audit ? { audit: deps.audit } : {}) });
+  }
 
   const metricsApp = Fastify({ logger: false });
   metricsApp.get('/metrics', async (_request, reply) => {

@@ -2,7 +2,7 @@
 //   attempt PROCS MODE ADDR PORT TOKEN
 // PROCS is a cgroup.procs file the process writes itself into FIRST, before any socket exists (or "-"
 // to stay where it is: the positive control). MODE: tcp, udp-sendto, udp-connect, sendmmsg, tfo, icmp,
-// dns, thread, daemon. Every mode carries TOKEN so the listener can tell which attempt reached it. Prints
+// dns, thread, daemon; and ptrace / vmread (PORT = target pid) for the ptrace detection. Every mode carries TOKEN so the listener can tell which attempt reached it. Prints
 // one JSON line: {"result":"ok"|"<errno name>","pid":N[,"answer":...]}.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -15,7 +15,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ptrace.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -104,6 +106,21 @@ int main(int argc, char **argv) {
     close(fd);
   }
   const char *mode = argv[2];
+  if (!strcmp(mode, "ptrace") || !strcmp(mode, "vmread")) {
+    /* ADDR unused; PORT is the target pid (test/egress/filter.test.ts: the ptrace detection) */
+    pid_t target = (pid_t)atoi(argv[4]);
+    int r = 0;
+    if (!strcmp(mode, "ptrace")) {
+      if (ptrace(PTRACE_ATTACH, target, NULL, NULL)) r = errno;
+      else waitpid(target, NULL, 0), ptrace(PTRACE_DETACH, target, NULL, NULL);
+    } else {
+      char b;
+      struct iovec local = {&b, 1}, remote = {(void *)0x1000, 1};
+      if (process_vm_readv(target, &local, 1, &remote, 1, 0) < 0) r = errno;
+    }
+    printf("{\"result\":\"%s\",\"pid\":%d}\n", ename(r), (int)getpid());
+    return 0;
+  }
   addr_s = argv[3];
   port = atoi(argv[4]);
   token = argv[5];

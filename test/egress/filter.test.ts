@@ -4,7 +4,8 @@
 // Every "blocked" is preceded by the same attempt reaching the listener from outside the cgroup, is
 // decided on the listener's side, asserts the exact errno, and must produce exactly one deny event.
 import t from 'tap';
-import { rmSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
+import { spawn } from 'node:child_process';
 import {
   attemptCgroup,
   buildAll,
@@ -18,7 +19,7 @@ import {
   type Netns,
   type Warden,
 } from './rig.ts';
-import { HOOKS, SETS } from '../../src/egress/warden-egress.ts';
+import { HOOKS, SETS, type WatchEvent } from '../../src/egress/warden-egress.ts';
 
 t.equal(process.getuid?.(), 0, 'the egress tests run as root (the warden loads BPF programs)');
 const dir = tempDir('phantoma-egress-');
@@ -195,4 +196,36 @@ t.test('ALLOW/DENY refusals', async (t) => {
     [['DENY', 'tcp', '10.1.2.3/32', '80'], 'unknown_entry'],
   ];
   for (const [fields, code] of bad) t.match(await w.client.raw(fields), new RegExp(`^ERR ${code} `), `${fields.join(' ')} -> ${code}`);
+});
+
+t.test('ptrace and process_vm_readv aimed at a worker are reported (tracepoints, detection only); at an unwatched process not', async (t) => {
+  const st = await w.egress.status();
+  t.equal(st.watch, true, 'the tracepoint programs are attached (tracefs mounted by the warden)');
+  const seen: WatchEvent[] = [];
+  const stream = await w.egress.events(() => undefined, (e) => seen.push(e));
+  const cg = attemptCgroup(w.workersDir);
+  // The target: a sleeper that joined a workers/ child first thing. The control: a sleeper of another uid,
+  // outside workers/ (this test warden's client uid is 0, so a root process would count as "gateway").
+  const target = spawn('sh', ['-c', `echo $$ > ${cg.procs} && exec sleep 30`], { stdio: 'ignore' });
+  const other = spawn('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'sleep', '30'], { stdio: 'ignore' });
+  t.teardown(() => {
+    stream.close();
+    target.kill('SIGKILL');
+    other.kill('SIGKILL');
+    cg.remove();
+  });
+  const deadline = Date.now() + 3000;
+  while (!readFileSync(cg.procs, 'utf8').includes(String(target.pid)) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  await new Promise((r) => setTimeout(r, 100)); // both sleepers exec'd
+  for (const pid of [target.pid!, other.pid!]) {
+    t.equal((await runAttempt(ATTEMPT, 'ptrace', '-', pid, 'x')).result, 'ok', `root may ptrace ${pid} (the filter detects, it does not prevent)`);
+    t.equal((await runAttempt(ATTEMPT, 'vmread', '-', pid, 'x')).result, 'EFAULT', 'process_vm_readv entered (unmapped address)');
+  }
+  const until = Date.now() + 3000;
+  while (seen.filter((e) => e.target === target.pid).length < 3 && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
+  await new Promise((r) => setTimeout(r, 200));
+  const mine = seen.filter((e) => e.target === target.pid);
+  t.ok(mine.some((e) => e.kind === 'ptrace' && e.request === 16 && e.targetIs === 'worker' && e.comm === 'attempt'), 'PTRACE_ATTACH on the worker reported');
+  t.ok(mine.some((e) => e.kind === 'process_vm_readv' && e.targetIs === 'worker'), 'process_vm_readv on the worker reported');
+  t.equal(seen.filter((e) => e.target === other.pid).length, 0, 'nothing reported for a process that is neither a worker nor the gateway');
 });

@@ -24,6 +24,7 @@ import { checkStatus, egressPolicyHash, loadExpectedTags } from '../../src/egres
 import { gateBackend, gatePool } from '../../src/egress/gate.ts';
 import { createEgressClient } from '../../src/egress/warden-egress.ts';
 import { createLogger } from '../../src/logger.ts';
+import { runPhantoma } from '../helpers.ts';
 import type { WorkerBackend, WorkerHandle } from '../../src/ephemeral/backend.ts';
 import type { WorkerPool } from '../../src/ephemeral/pool.ts';
 import type { AuditEvent } from '../../src/audit/audit-events.ts';
@@ -132,6 +133,22 @@ t.test('verified by the kernel word and the live probe; the policy hash is stabl
   t.not(m.policyHash(), egressPolicyHash({ mode: 'enforce', expected, downloadAllow: ['tcp:10.0.0.1/32:443'] }), 'an allowlist entry changes the hash');
 });
 
+t.test('phantoma egress status: programs and tags by the kernel word, allowlists, policy hash; --probe', async (t) => {
+  const r = await runPhantoma(['egress', 'status', '--probe', '--json', `--warden.socket=${w.socketPath}`], { timeoutMs: 30_000 });
+  t.equal(r.code, 0, r.stderr);
+  const j = JSON.parse(r.stdout);
+  t.equal(j.verified, true);
+  t.same(j.reasons, []);
+  t.equal(j.policyHash, egressPolicyHash({ mode: 'enforce', expected, downloadAllow: [] }));
+  t.equal(j.probe.refused, true);
+  t.equal(j.status.sets.workers.programs.connect4[0].tag, expected.get('connect4'));
+  const text = await runPhantoma(['egress', 'status', `--warden.socket=${w.socketPath}`], { timeoutMs: 30_000 });
+  t.equal(text.code, 0);
+  t.match(text.stdout, /egress filter: enforce, verified/);
+  t.match(text.stdout, new RegExp(`connect4 +id \\d+ tag ${expected.get('connect4')} \\(built\\)`));
+  t.match(text.stdout, /allowlist workers\/: empty/);
+});
+
 t.test('a program detached behind the daemon\'s back: noticed within the check interval, the gate closes', async (t) => {
   const m = monitorFor(w.socketPath);
   await m.start();
@@ -156,6 +173,9 @@ t.test('a program detached behind the daemon\'s back: noticed within the check i
   t.match(pool.notReadyReason(), /egress filter not verified/, '/readyz names the reason');
   await t.rejects(pool.acquire(), { code: 'egress_unverified' });
   await deferred.kill();
+  const cli = await runPhantoma(['egress', 'status', `--warden.socket=${w.socketPath}`], { timeoutMs: 30_000 });
+  t.equal(cli.code, 5, 'phantoma egress status exits 5 (egress_unverified)');
+  t.match(cli.stdout, /NOT verified[\s\S]*connect4 +NOTHING ATTACHED[\s\S]*problem: workers\/connect4: no program attached/);
 
   // Re-attach by restarting the warden (it attaches fresh links before dropping old ones).
   await w.stop();

@@ -99,6 +99,9 @@ export async function startTestDockerd(opts: { image?: boolean } = {}): Promise<
   const logPath = join(dir, 'dockerd.log');
   const onExit = (): void => forceCleanup(dir);
   process.once('exit', onExit);
+  // tap's timeout sends SIGTERM, which skips 'exit' hooks unless something exits on it.
+  const onTerm = (): void => process.exit(143);
+  process.once('SIGTERM', onTerm);
   const logFd = openSync(logPath, 'a', 0o600);
   const proc: ChildProcess = spawn(
     DOCKERD,
@@ -132,6 +135,7 @@ export async function startTestDockerd(opts: { image?: boolean } = {}): Promise<
       }
       forceCleanup(dir);
       process.removeListener('exit', onExit);
+      process.removeListener('SIGTERM', onTerm);
     })());
   try {
     const deadline = Date.now() + 30_000;

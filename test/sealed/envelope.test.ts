@@ -206,12 +206,12 @@ t.test('fuzz: mutated validly signed envelopes never crash and always get an exp
   };
   const ctx = context();
   for (let i = 0; i < CASES; i++) {
-    let b = Buffer.from(base);
+    let b: Buffer = Buffer.from(base);
     const kind = rand(5);
     if (kind === 0) b[rand(b.length)]! ^= 1 << rand(8); // bit flip
     else if (kind === 1) b = b.subarray(0, rand(b.length)); // truncation
     else if (kind === 2) {
-      // swap two random ranges' bytes
+      // swap two bytes
       const a = rand(b.length);
       const c = rand(b.length);
       const tmp = b[a]!;

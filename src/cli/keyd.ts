@@ -1,0 +1,42 @@
+// phantoma keyd: holds the vault's private keys and answers on a unix socket (src/vault/keyd.ts). Started
+// by `phantoma serve` when a vault exists (or as its own unit). Prints one JSON line {"ready":...} when
+// listening, then one {"audit":{...}} line per refusal or decapsulation, which the gateway relays into the
+// audit log. No network, non-dumpable (no core file, no same-uid ptrace of its keys).
+import type { Command } from './main.ts';
+import { ERRORS, UsageError } from '../errors.ts';
+import { createLogger } from '../logger.ts';
+import { setDumpable } from '../native/addon.ts';
+import { readVault } from '../vault/store.ts';
+import { vaultPathOf } from '../vault/settings.ts';
+import { createKeyService, listenKeyd, watchedVault } from '../vault/keyd.ts';
+import { CREDENTIAL_OPTIONS, vaultCredential } from './vault.ts';
+import { intOption } from './options.ts';
+
+export const keydCommand: Command = {
+  summary: 'run keyd, the process that holds the vault keys (started by serve when a vault exists)',
+  usage: 'phantoma keyd [--gateway-uid UID] [--passphrase-file F | --key-file F]  (socket: --vault.keydSocket)',
+  options: { ...CREDENTIAL_OPTIONS, 'gateway-uid': { type: 'string' } },
+  async run(ctx, { values, positionals }) {
+    if (positionals.length) throw new UsageError(ERRORS.CLI_USAGE, `usage: ${this.usage}`);
+    const config = ctx.config();
+    setDumpable(false);
+    const logger = createLogger({ level: config.logLevel });
+    const gatewayUid = intOption(values['gateway-uid'], 'gateway-uid', process.getuid!(), 0, 2 ** 31);
+    const path = vaultPathOf(config);
+    const opened = readVault(path, vaultCredential(config, values));
+    const contents = watchedVault(path, opened.keys, opened.contents, logger);
+    const service = createKeyService({
+      contents,
+      policy: { gatewayUid, workerUids: { from: config.warden.uidFrom, to: config.warden.uidTo }, cgroupName: config.warden.cgroupName },
+      audit: (e) => ctx.out(JSON.stringify({ audit: e })),
+    });
+    const server = await listenKeyd({ socketPath: config.vault.keydSocket, service, logger });
+    ctx.out(JSON.stringify({ ready: true, pid: process.pid, socket: config.vault.keydSocket }));
+    const stopped = Promise.withResolvers<void>();
+    const stop = (): void => void server.close().then(() => stopped.resolve());
+    process.once('SIGTERM', stop);
+    process.once('SIGINT', stop);
+    await stopped.promise;
+    return 0;
+  },
+};

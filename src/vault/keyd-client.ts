@@ -1,0 +1,87 @@
+// The client side of keyd's socket: the gateway (key document, signatures, TLS) and a worker (its one
+// decapsulation) use it. One connection per call; every reply is checked for `ok`, and a refusal comes
+// back as a PhantomaError with keyd's code.
+import { connect } from 'node:net';
+import { ERRORS, PhantomaError, definitionOf } from '../errors.ts';
+import { KEYD_MAX_LINE } from './keyd.ts';
+import type { KeyDocument } from './signing.ts';
+
+export interface DecapsulateRequest {
+  keyId: string;
+  ephemeralPublicKey: Uint8Array;
+  kemCiphertext: Uint8Array;
+  transcriptHash: Uint8Array;
+}
+
+export interface KeydClient {
+  call(request: Record<string, unknown>): Promise<Record<string, unknown>>;
+  ping(): Promise<{ pid: number }>;
+  tls(): Promise<{ key: string; cert: string }>;
+  keyDocument(p: { egressPolicyHash: string; tlsCertificateSha256?: string }): Promise<{ document: KeyDocument; signature: string }>;
+  sign(purpose: 'receipt' | 'heartbeat', payload: Uint8Array): Promise<Buffer>;
+  /** A worker's one call: the per-request key (32 bytes). */
+  decapsulate(r: DecapsulateRequest): Promise<Buffer>;
+}
+
+export function createKeydClient(opts: { socketPath: string; timeoutMs?: number }): KeydClient {
+  const timeoutMs = opts.timeoutMs ?? 5000;
+  function call(request: Record<string, unknown>): Promise<Record<string, unknown>> {
+    return new Promise((resolve, reject) => {
+      const socket = connect(opts.socketPath);
+      let buf = '';
+      const fail = (why: string, cause?: unknown): void => {
+        socket.destroy();
+        reject(new PhantomaError(ERRORS.KEYD_UNAVAILABLE, `keyd at ${opts.socketPath}: ${why}`, cause === undefined ? undefined : { cause }));
+      };
+      const timer = setTimeout(() => fail('no answer in time'), timeoutMs);
+      socket.setEncoding('utf8');
+      socket.on('error', (err) => {
+        clearTimeout(timer);
+        fail((err as NodeJS.ErrnoException).code ?? err.message, err);
+      });
+      socket.on('data', (chunk: string) => {
+        buf += chunk;
+        if (buf.length > KEYD_MAX_LINE * 2) return fail('reply too long');
+        const nl = buf.indexOf('\n');
+        if (nl < 0) return;
+        clearTimeout(timer);
+        socket.end();
+        let reply: Record<string, unknown>;
+        try {
+          reply = JSON.parse(buf.slice(0, nl)) as Record<string, unknown>;
+        } catch (err) {
+          return fail('the reply is not JSON', err);
+        }
+        if (reply.ok !== true) {
+          const def = definitionOf(reply.code, ERRORS.KEYD_REFUSED);
+          return reject(new PhantomaError(def, `keyd refused ${String(request.op)}: ${String(reply.message ?? reply.code)}`));
+        }
+        resolve(reply);
+      });
+      socket.on('end', () => {
+        clearTimeout(timer);
+        if (!buf.includes('\n')) fail('closed without an answer');
+      });
+      socket.write(JSON.stringify(request) + '\n');
+    });
+  }
+  const b64 = (b: Uint8Array): string => Buffer.from(b).toString('base64');
+  return {
+    call,
+    ping: async () => ({ pid: Number((await call({ op: 'ping' })).pid) }),
+    tls: async () => {
+      const r = await call({ op: 'tls' });
+      return { key: String(r.key), cert: String(r.cert) };
+    },
+    keyDocument: async (p) => {
+      const r = await call({ op: 'key-document', ...p });
+      return { document: r.document as KeyDocument, signature: String(r.signature) };
+    },
+    sign: async (purpose, payload) => Buffer.from(String((await call({ op: 'sign', purpose, payload: b64(payload) })).signature), 'base64'),
+    decapsulate: async (r) =>
+      Buffer.from(
+        String((await call({ op: 'decapsulate', keyId: r.keyId, ephemeralPublicKey: b64(r.ephemeralPublicKey), kemCiphertext: b64(r.kemCiphertext), transcriptHash: b64(r.transcriptHash) })).requestKey),
+        'base64',
+      ),
+  };
+}
