@@ -12,7 +12,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 # 1. Debian packages the build and tests need (installed only when missing).
 # clang, llvm, libbpf-dev, bpftool, libelf-dev, zlib1g-dev: the egress BPF programs and the warden's
 # loader (issue 9); iproute2: the egress tests' own network namespaces.
-apt_packages=(ca-certificates curl python3 make g++ git clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev iproute2 docker.io)
+# postgresql: the control plane's tests run a real Postgres server (initdb + postgres, unprivileged; issue 11).
+apt_packages=(ca-certificates curl python3 make g++ git clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev iproute2 docker.io postgresql)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

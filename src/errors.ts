@@ -86,6 +86,7 @@ export const ERRORS = Object.freeze({
   SEALED_REPLAY_MEMORY_FULL: def('sealed_replay_memory_full', 503, 'server_error', 5),
   SEALED_OPEN_FAILED: def('sealed_open_failed', 400, 'invalid_request_error', 2),
   RECEIPT_INVALID: def('receipt_invalid', 502, 'server_error', 6),
+  PLAINTEXT_API_DISABLED: def('plaintext_api_disabled', 403, 'invalid_request_error', 4),
   // control plane and licensing (issue 11)
   CONTROL_PLANE_UNREACHABLE: def('control_plane_unreachable', 502, 'server_error', 10),
   CONTROL_PLANE_PIN_MISMATCH: def('control_plane_pin_mismatch', 502, 'server_error', 10),

@@ -20,6 +20,8 @@ import { createGatewayMetrics } from './gateway/metrics.ts';
 import { createApiKeyStore, type ApiKeyStore } from './gateway/api-keys.ts';
 import { ensureSelfSignedTls, loadProvidedTls, type TlsMaterial } from './gateway/tls.ts';
 import { buildGateway, type ServedModel } from './gateway/app.ts';
+import { createNodeControl, type NodeControl } from './control/node-control.ts';
+import { keydSigner, type NodeSigner } from './control/node.ts';
 import { createAuditLog, auditDirOf, type AuditLog } from './audit/audit-log.ts';
 import type { AuditEvent } from './audit/audit-events.ts';
 import type { PoolObserver } from './ephemeral/pool.ts';
@@ -27,6 +29,8 @@ import { swapPolicy, type SwapDevice } from './doctor/checks.ts';
 import { probeSwaps } from './doctor/probe.ts';
 import { setupNodeEgress } from './egress/node.ts';
 import type { EgressMonitor } from './egress/monitor.ts';
+import { startNodeKeyd } from './vault/keyd-process.ts';
+import { createKeyDocumentSource } from './gateway/key-document.ts';
 
 export interface RunningNode {
   url: string;
@@ -48,6 +52,12 @@ export interface NodeDeps {
   probeSwaps?: () => SwapDevice[] | undefined;
   /** Defaults to plain child processes; the warden backend replaces it (issue 5). */
   backend?: WorkerBackend;
+  /** Where keyd finds the vault credential (PHANTOMA_VAULT_PASSPHRASE, CREDENTIALS_DIRECTORY); default process.env. */
+  vaultEnv?: NodeJS.ProcessEnv;
+  /** Signs heartbeats to the control plane (issue 11); default: keyd, when the node has a vault. */
+  heartbeatSigner?: NodeSigner;
+  /** The clock licensing and heartbeats use (tests move it past a lease's expiry). */
+  controlClock?: () => number;
 }
 
 /** The LD_PRELOAD library built by scripts/setup.sh; refusing to start without it beats a silent slowdown. */
@@ -59,7 +69,7 @@ export function threadpoolShimPath(): string {
   return path;
 }
 
-async function startWardenIfConfigured(config: Readonly<Config>, log: Logger, modelPaths: readonly string[]): Promise<WardenProcess | undefined> {
+async function startWardenIfConfigured(config: Readonly<Config>, log: Logger, modelPaths: readonly string[], keydSocket?: string): Promise<WardenProcess | undefined> {
   if (config.workers.backend !== 'warden' || !config.warden.start) return undefined;
   const cmd = workerCommand();
   // The project (runtime, compiled worker, native parts, model cache) and every model's directory stay
@@ -80,6 +90,7 @@ async function startWardenIfConfigured(config: Readonly<Config>, log: Logger, mo
     tmpfsBytes: config.workers.tmpfsBytes,
     expose,
     egress: config.egress.mode,
+    ...(keydSocket ? { keydSocket } : {}),
     logger: log,
   });
 }
@@ -118,25 +129,44 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   // Resolved once: for a built-in model this verifies the whole cached file against its digest.
   const resolvedModels = [];
   for (const name of registry.names()) resolvedModels.push(await registry.resolve(name));
-  const warden = deps.backend ? undefined : await startWardenIfConfigured(config, log, resolvedModels.map((m) => m.path));
+  // keyd first when there is a vault (issue 7): the warden binds its socket into every worker it spawns.
+  const keydAudit: { to?: (e: AuditEvent) => void } = {};
+  const keyd = await startNodeKeyd(config, { logger: log, env: deps.vaultEnv ?? process.env, audit: (e) => keydAudit.to?.(e) });
+  let warden: WardenProcess | undefined;
   let backend: WorkerBackend;
   try {
+    warden = deps.backend ? undefined : await startWardenIfConfigured(config, log, resolvedModels.map((m) => m.path), keyd?.socketPath);
     backend = deps.backend ?? (await createBackend(config, stateDir, log));
   } catch (err) {
     await warden?.stop();
+    await keyd?.stop();
     throw err;
   }
   const metrics = createGatewayMetrics();
   const audit = createAuditLog({ dir: auditDirOf(config), maxFileBytes: config.audit.maxFileBytes, maxFiles: config.audit.maxFiles });
   // An audit write that fails (disk full) must not take a request down with it; it is logged loudly.
   const record = (event: AuditEvent): void => {
+    control?.observe(event);
     try {
       audit.append(event);
     } catch (err) {
       log.error({ code: (err as { code?: string }).code, type: event.type }, 'audit append failed');
     }
   };
+  // Licensing and heartbeats (issue 11): outbound only, to the control plane the node enrolled with.
+  const models: ServedModel[] = [];
+  const control: NodeControl | undefined = createNodeControl({
+    config,
+    stateDir,
+    logger: log,
+    version: '0.1.0',
+    signer: deps.heartbeatSigner ?? (keyd ? keydSigner(keyd.client) : undefined),
+    pools: () => models.map((m) => m.pool),
+    auditHead: () => audit.head(),
+    ...(deps.controlClock ? { clock: deps.controlClock } : {}),
+  });
   record({ type: 'node_started', version: '0.1.0', pid: process.pid });
+  keydAudit.to = record;
   // Egress filter (issue 9): verified by the kernel's word (and a live probe) before any worker starts;
   // while it is not, no worker starts, running ones end, and /readyz says why (src/egress/gate.ts).
   const egress = await setupNodeEgress({ config, backend, wardenBackend: !deps.backend && config.workers.backend === 'warden', logger: log, audit: record, registry: metrics.registry });
@@ -161,7 +191,6 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   const blocked = policy.allowed ? undefined : new PhantomaError(ERRORS.UNENCRYPTED_SWAP, `workers are not started: ${policy.warning ?? 'unencrypted swap is on'}; turn swap off or encrypt it, or set pool.allowUnencryptedSwap`);
   if (blocked) log.error({ code: blocked.code }, blocked.message);
   else if (policy.warning) log.warn({ code: ERRORS.UNENCRYPTED_SWAP.code }, policy.warning);
-  const models: ServedModel[] = [];
   for (const resolved of resolvedModels) {
     const name = resolved.name;
     const summary = readGgufSummary(resolved.path);
@@ -190,14 +219,17 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   metrics.watchPools(models.map((m) => m.pool));
 
   const g = config.gateway;
-  const tls = g.tls === 'self-signed' ? await ensureSelfSignedTls(stateDir) : g.tls === 'provided' ? loadProvidedTls(g.tlsCertPath!, g.tlsKeyPath!) : undefined;
+  // With a vault the TLS key lives there and comes from keyd; without one, in the state directory as before.
+  const tls = g.tls === 'self-signed' ? await (keyd ? keyd.tls() : ensureSelfSignedTls(stateDir)) : g.tls === 'provided' ? loadProvidedTls(g.tlsCertPath!, g.tlsKeyPath!) : undefined;
   if (tls?.generated) log.info({ fingerprint: tls.fingerprint }, 'made a new TLS key and self-signed certificate');
   if (g.auth === 'none') log.warn({ host: g.host }, 'API authentication is OFF (allowed on loopback only): any local process can use this node');
   if (g.tls === 'off') log.warn({ host: g.host }, 'TLS is OFF (allowed on loopback only)');
   const apiKeys = g.auth === 'api-keys' ? createApiKeyStore({ path: apiKeyStorePath(config) }) : undefined;
 
-  const { app, metricsApp } = await buildGateway({ config: g, models, apiKeys, logger: log, metrics, audit: record, ...(tls ? { tls } : {}) });
+  const { app, metricsApp } = await buildGateway({ config: g, models, apiKeys, logger: log, metrics, audit: record, license: () => control.license(), ...(tls ? { tls } : {}),
+    ...(keyd ? { keyDocument: createKeyDocumentSource({ keyd: keyd.client, egressPolicyHash: egress.policyHash, tlsFingerprint: tls?.fingerprint }) } : {}) });
   for (const m of models) m.pool.start();
+  control.start();
   let closing: Promise<void> | undefined;
   const closeAll = async (): Promise<void> => {
     const graceful = app.close();
@@ -206,8 +238,10 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
     await Promise.all(models.map((m) => m.pool.close()));
     await graceful;
     await metricsApp.close();
+    await control.stop();
     egress.close();
     await warden?.stop();
+    await keyd?.stop();
     record({ type: 'node_stopped', reason: 'shutdown' });
     audit.close();
   };

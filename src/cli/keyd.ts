@@ -14,8 +14,8 @@ import { intOption } from './options.ts';
 
 export const keydCommand: Command = {
   summary: 'run keyd, the process that holds the vault keys (started by serve when a vault exists)',
-  usage: 'phantoma keyd [--gateway-uid UID] [--passphrase-file F | --key-file F]  (socket: --vault.keydSocket)',
-  options: { ...CREDENTIAL_OPTIONS, 'gateway-uid': { type: 'string' } },
+  usage: 'phantoma keyd [--gateway-uid UID] [--passphrase-file F | --key-file F] [--exit-with-parent]  (socket: --vault.keydSocket)',
+  options: { ...CREDENTIAL_OPTIONS, 'gateway-uid': { type: 'string' }, 'exit-with-parent': { type: 'boolean' } },
   async run(ctx, { values, positionals }) {
     if (positionals.length) throw new UsageError(ERRORS.CLI_USAGE, `usage: ${this.usage}`);
     const config = ctx.config();
@@ -36,6 +36,10 @@ export const keydCommand: Command = {
     const stop = (): void => void server.close().then(() => stopped.resolve());
     process.once('SIGTERM', stop);
     process.once('SIGINT', stop);
+    // Started by the gateway: its end closes our stdin, and keyd must not outlive it holding the keys.
+    if (values['exit-with-parent']) {
+      process.stdin.once('end', stop).once('error', stop).resume();
+    }
     await stopped.promise;
     return 0;
   },

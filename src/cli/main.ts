@@ -2,7 +2,7 @@
 // The phantoma command line. Each subcommand parses its own flags; every configuration setting is also
 // accepted as a flag (--inference.threads=2). Exit codes: 0 ok, 1 internal error, 2 usage or
 // configuration error, 3 model error, 4 auth/limits, 5 node could not serve, 6 unreachable or pin mismatch,
-// 7 audit log broken, 8 a host check failed, 9 vault or keyd refused (docs/errors.md).
+// 7 audit log broken, 8 a host check failed, 9 vault or keyd refused, 10 control plane or license (docs/errors.md).
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { configFlags, loadConfig } from '../config/load.ts';
 import type { Config } from '../config/schema.ts';
@@ -21,6 +21,8 @@ import { doctorCommand } from './doctor.ts';
 import { egressCommand } from './egress.ts';
 import { vaultCommand } from './vault.ts';
 import { clientsCommand } from './clients.ts';
+import { enrollCommand } from './enroll.ts';
+import { heartbeatCommand } from './heartbeat.ts';
 import { keydCommand } from './keyd.ts';
 
 export interface CommandContext {
@@ -47,6 +49,8 @@ const COMMANDS: Record<string, Command> = {
   keys: keysCommand,
   vault: vaultCommand,
   clients: clientsCommand,
+  enroll: enrollCommand,
+  heartbeat: heartbeatCommand,
   keyd: keydCommand,
   audit: auditCommand,
   doctor: doctorCommand,
@@ -78,7 +82,7 @@ function settingOptions(): ParseArgsConfig['options'] {
 function mainHelp(): string {
   const cmds = Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(12)} ${c.summary}`).join('\n');
   const settings = configFlags().map((f) => `  ${`${f.flag}=<${f.kind}>`.padEnd(28)} ${f.description}`).join('\n');
-  return `phantoma — private LLM inference appliance\n\nusage: phantoma <command> [options]\n\ncommands:\n${cmds}\n\nglobal options:\n  --config FILE               JSON configuration file\n  --json                      machine-readable output\n  -h, --help                  help for phantoma or a command\n\nsettings (override the config file):\n${settings}\n\nexit codes: 0 ok, 1 internal error, 2 usage or configuration error, 3 model error,\n  4 authentication or rate limit, 5 node could not serve, 6 node unreachable or TLS pin mismatch,\n  7 audit log failed verification, 8 a host check failed, 9 vault or keyd refused`;
+  return `phantoma — private LLM inference appliance\n\nusage: phantoma <command> [options]\n\ncommands:\n${cmds}\n\nglobal options:\n  --config FILE               JSON configuration file\n  --json                      machine-readable output\n  -h, --help                  help for phantoma or a command\n\nsettings (override the config file):\n${settings}\n\nexit codes: 0 ok, 1 internal error, 2 usage or configuration error, 3 model error,\n  4 authentication or rate limit, 5 node could not serve, 6 node unreachable or TLS pin mismatch,\n  7 audit log failed verification, 8 a host check failed, 9 vault or keyd refused,\n  10 control plane or license refused`;
 }
 
 export async function runCli(argv: string[], io: { out: (s: string) => void; err: (s: string) => void }): Promise<number> {

@@ -13,6 +13,8 @@ export const serveCommand: Command = {
     setDumpable(false);
     const logger = createLogger({ level: config.logLevel });
     const node = await startNode(config, { logger });
+    // keyd (started by startNode when a vault exists) has the vault passphrase now; the gateway drops its copy.
+    delete process.env.PHANTOMA_VAULT_PASSPHRASE;
     // One plain line for operators and scripts: where to connect and what to pin.
     ctx.out(ctx.json ? JSON.stringify({ url: node.url, tlsFingerprint: node.tls?.fingerprint ?? null, metrics: node.metricsUrl }) : `phantoma: serving ${node.url}${node.tls ? ` (TLS SHA-256 ${node.tls.fingerprint})` : ''}`);
     const stopped = Promise.withResolvers<void>();

@@ -55,6 +55,7 @@ export const ConfigSchema = Type.Object(
         metricsHost: Type.String({ minLength: 1, default: '127.0.0.1', description: 'metrics listener address' }),
         metricsPort: Type.Integer({ minimum: 0, maximum: 65535, default: 9464, description: 'metrics port (0 picks a free one)' }),
         shutdownGraceMs: Type.Integer({ minimum: 0, maximum: 600_000, default: 30_000, description: 'how long SIGTERM waits for requests in flight' }),
+        plaintextApi: Type.Boolean({ default: true, description: 'serve the plaintext OpenAI API (/v1/...); false: sealed requests only (docs/protocol.md)' }),
       },
       { additionalProperties: false, default: {} },
     ),
@@ -136,6 +137,23 @@ export const ConfigSchema = Type.Object(
         rotationOverlapSeconds: Type.Integer({ minimum: 0, maximum: 30 * 86400, default: 86400, description: 'after phantoma keys rotate, the previous request keys still open requests this long' }),
         keydSocket: Type.String({ minLength: 1, default: '/run/phantoma/keyd/keyd.sock', description: "keyd's unix socket (bind-mounted into each worker's view by the warden)" }),
         keydStart: Type.Boolean({ default: true, description: 'phantoma serve starts keyd as a child when a vault exists' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    sealed: Type.Object(
+      {
+        maxEnvelopeBytes: Type.Integer({ minimum: 4096, maximum: 64 << 20, default: 4 << 20, description: 'largest sealed envelope accepted (413 sealed_envelope_too_large beyond)' }),
+        windowMs: Type.Integer({ minimum: 1000, maximum: 3_600_000, default: 120_000, description: "accepted distance between an envelope's timestamp and the node's clock, either way" }),
+        maxRememberedNonces: Type.Integer({ minimum: 1000, maximum: 10_000_000, default: 1_000_000, description: 'nonces kept for replay detection within the window; when full, new envelopes are refused (503)' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    control: Type.Object(
+      {
+        required: Type.Boolean({ default: false, description: 'refuse inference (not_enrolled) until the node holds a lease from the control plane (docs/licensing.md)' }),
+        heartbeats: Type.Boolean({ default: true, description: 'phantoma serve sends heartbeats (signed by keyd) when the node is enrolled' }),
+        heartbeatIntervalSeconds: Type.Optional(Type.Integer({ minimum: 10, maximum: 86400, description: "overrides the interval the control plane's lease asks for" })),
+        heartbeatJitter: Type.Number({ minimum: 0, maximum: 0.5, default: 0.2, description: 'fraction of the interval each delay varies by, either way' }),
       },
       { additionalProperties: false, default: {} },
     ),

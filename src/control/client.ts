@@ -40,6 +40,8 @@ export function createControlPlaneClient(endpoint: ControlPlaneEndpoint): Contro
   const timeoutMs = endpoint.timeoutMs ?? 30_000;
   const host = u.hostname.replace(/^\[|\]$/g, '');
   let session: Buffer | undefined;
+  /** The pinned key the session was first established with (a resumed session shows no certificate). */
+  let sessionKey: Buffer | undefined;
 
   async function connect(): Promise<{ socket: tls.TLSSocket; publicKey: Buffer }> {
     const socket = tls.connect({
@@ -52,7 +54,7 @@ export function createControlPlaneClient(endpoint: ControlPlaneEndpoint): Contro
       ALPNProtocols: ['http/1.1'],
       ...(session ? { session } : {}),
     });
-    socket.on('session', (s: Buffer) => (session = s));
+    const resuming = session;
     socket.setTimeout(timeoutMs, () => socket.destroy(Object.assign(new Error('timed out'), { code: 'ETIMEDOUT' })));
     try {
       await once(socket, 'secureConnect');
@@ -60,14 +62,21 @@ export function createControlPlaneClient(endpoint: ControlPlaneEndpoint): Contro
       socket.destroy();
       throw unreachable(u, err);
     }
-    const cert = socket.getPeerX509Certificate();
+    // A resumed TLS 1.3 session proves the server holds the secret of a handshake whose key we pinned.
+    const cert = socket.isSessionReused() && resuming ? undefined : socket.getPeerX509Certificate();
     const key = cert?.publicKey;
-    const publicKey = key && key.asymmetricKeyType === 'ed25519' ? rawPublicKeyOf(key) : undefined;
+    const publicKey = socket.isSessionReused() && resuming ? sessionKey : key && key.asymmetricKeyType === 'ed25519' ? rawPublicKeyOf(key) : undefined;
     if (!publicKey || keyFingerprint(publicKey) !== pin) {
       socket.destroy();
       session = undefined;
+      sessionKey = undefined;
       throw new PhantomaError(ERRORS.CONTROL_PLANE_PIN_MISMATCH, `the control plane at ${u.host} presented key ${publicKey ? keyFingerprint(publicKey) : '(not Ed25519)'}, not the pinned ${pin}; nothing was sent`);
     }
+    // Tickets arrive after the handshake; keep the newest for the next connection.
+    socket.on('session', (s: Buffer) => {
+      session = s;
+      sessionKey = publicKey;
+    });
     return { socket, publicKey };
   }
 

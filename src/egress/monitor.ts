@@ -39,6 +39,9 @@ export interface EgressMonitor {
   close(): void;
 }
 
+/** Deny events written to the log and the audit log per cgroup and minute; the metrics count all. */
+export const DENY_AUDIT_PER_MINUTE = 20;
+
 export function createEgressMonitor(o: EgressMonitorOptions): EgressMonitor {
   const log = o.logger.child({ component: 'egress' });
   let verified = o.mode === 'off';
@@ -73,9 +76,25 @@ export function createEgressMonitor(o: EgressMonitorOptions): EgressMonitor {
 
   const hash = (): string => egressPolicyHash({ mode: o.mode, ...(o.expected ? { expected: o.expected } : {}), downloadAllow: status?.downloadAllow ?? [] });
 
+  // A hostile worker can spin on refused connects: every deny is counted in the metrics, but the log and
+  // the audit log take at most DENY_AUDIT_PER_MINUTE per cgroup per minute (then one warning), so a
+  // flood cannot fill the disk or rotate the audit history away.
+  let window = Math.floor(Date.now() / 60_000);
+  const perCgroup = new Map<number, number>();
   const onDeny = (e: DenyEvent): void => {
     if (!e.probe) denied?.inc({ set: e.set, hook: e.hook });
     if (e.probe) return log.debug({ hook: e.hook, dst: e.dst, port: e.port }, 'egress probe denied (expected)');
+    const now = Math.floor(Date.now() / 60_000);
+    if (now !== window) {
+      window = now;
+      perCgroup.clear();
+    }
+    const seen = (perCgroup.get(e.cgroupId) ?? 0) + 1;
+    if (perCgroup.size < 10_000 || perCgroup.has(e.cgroupId)) perCgroup.set(e.cgroupId, seen);
+    if (seen > DENY_AUDIT_PER_MINUTE) {
+      if (seen === DENY_AUDIT_PER_MINUTE + 1) log.warn({ cgroupId: e.cgroupId, set: e.set }, `more than ${DENY_AUDIT_PER_MINUTE} egress denies from one cgroup this minute: further ones are only counted in the metrics`);
+      return;
+    }
     log.warn({ set: e.set, hook: e.hook, pid: e.pid, comm: e.comm, cgroupId: e.cgroupId, proto: e.proto, dst: e.dst, port: e.port }, 'egress denied');
     o.audit?.({ type: 'egress_denied', set: e.set, hook: e.hook, pid: e.pid, cgroupId: e.cgroupId, proto: e.proto, dst: e.dst === '-' ? 'none' : e.dst, port: e.port, probe: e.probe });
   };

@@ -42,6 +42,8 @@ export interface GatewayDeps {
   /** Appends to the node's audit log (ids, counts, outcomes; never content). */
   audit?: (event: AuditEvent) => void;
   clock?: () => number;
+  /** Licensing (issue 11, src/control/license.ts): while it refuses, new inference gets its code and /readyz says why. */
+  license?: () => { refusal?: PhantomaError; reason?: string };
   /** The signed key document (issue 7), served when the node has a vault and keyd. */
   keyDocument?: KeyDocumentSource;
   /** The sealed API (issue 8, docs/protocol.md), when the node has a vault and keyd. */
@@ -198,6 +200,9 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
         if (event) deps.audit!(event);
       });
     }
+    if (request.url.startsWith('/v1/') && !config.plaintextApi) {
+      throw new PhantomaError(ERRORS.PLAINTEXT_API_DISABLED, 'this node accepts sealed requests only (docs/protocol.md; phantoma proxy gives existing tools a local OpenAI endpoint)');
+    }
     if (!request.url.startsWith('/v1/') || config.auth === 'none') return;
     const header = request.headers.authorization;
     const presented = header?.startsWith('Bearer ') ? header.slice(7).trim() : undefined;
@@ -224,8 +229,19 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
     // The exact signed bytes, not re-serialised: clients verify the canonical JSON (src/vault/signing.ts).
     app.get(KEY_DOCUMENT_PATH, async (_request, reply) => reply.type('application/json').header('cache-control', 'no-cache').send(await source.get()));
   }
+  // Every inference route is a POST under /v1/; a license refusal stops new ones (running ones finish).
+  if (deps.license) {
+    const license = deps.license;
+    app.addHook('preHandler', async (request) => {
+      if (request.method !== 'POST' || !request.url.startsWith('/v1/')) return;
+      const refusal = license().refusal;
+      if (refusal) throw refusal;
+    });
+  }
   app.get('/readyz', async (_request, reply) => {
     const reasons = deps.models.map((m) => m.pool.notReadyReason()).filter((r): r is string => r !== undefined);
+    const licensed = deps.license?.();
+    if (licensed?.refusal) reasons.push(`${licensed.refusal.code}: ${licensed.reason ?? licensed.refusal.message}`);
     if (reasons.length > 0) return reply.code(503).send({ ready: false, reasons });
     return { ready: true };
   });

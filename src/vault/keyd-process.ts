@@ -44,9 +44,10 @@ export async function startKeydProcess(o: {
     `--logLevel=${o.logLevel}`,
     '--gateway-uid',
     String(o.gatewayUid),
+    '--exit-with-parent',
   ];
   const log = o.logger.child({ component: 'keyd' });
-  const child: ChildProcess = spawn(process.execPath, args, { env: o.env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child: ChildProcess = spawn(process.execPath, args, { env: o.env, stdio: ['pipe', 'pipe', 'pipe'] });
   const errLines: string[] = [];
   createInterface({ input: child.stderr! }).on('line', (l) => {
     errLines.push(l);

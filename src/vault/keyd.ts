@@ -22,6 +22,8 @@ import { signPayload, canonicalJson, SIGN_PURPOSES, type KeyDocument, type SignP
 import { certificateFingerprint } from '../gateway/tls.ts';
 import type { Logger } from '../logger.ts';
 
+/** Where a warden-spawned worker finds keyd (the warden's --keyd-socket bind mount, native/warden/README.md). */
+export const KEYD_SOCKET_IN_WORKER = '/run/phantoma/keyd.sock';
 export const KEYD_MAX_LINE = 16 * 1024;
 export const KEYD_IDLE_MS = 5000;
 /** Worker cgroups remembered as used; past this, keyd refuses every decapsulation rather than forget one. */

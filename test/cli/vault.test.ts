@@ -7,25 +7,44 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runPhantoma } from '../helpers.ts';
 import { ensureSelfSignedTls } from '../../src/gateway/tls.ts';
+import { runCli } from '../../src/cli/main.ts';
 
 const tmp = mkdtempSync(join(tmpdir(), 'phantoma-cli-vault-'));
 t.teardown(() => rmSync(tmp, { recursive: true, force: true }));
 const state = join(tmp, 'state');
 const settings = [`--stateDir=${state}`, '--vault.kdfLog2N=10', '--vault.allowWeakKdf=true'];
 const env = { ...process.env, PHANTOMA_VAULT_PASSPHRASE: 'vault pass', PHANTOMA_BACKUP_PASSPHRASE: 'backup pass' };
-const run = (args: string[], e: NodeJS.ProcessEnv = env) => runPhantoma([...args, ...settings], { env: e });
+// Most commands run in-process through runCli (the same code and exit status as bin/phantoma, without a
+// 2 s Node start each); the first test runs the real binary.
+async function run(args: string[], e: NodeJS.ProcessEnv = env): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const saved = { ...process.env };
+  for (const k of ['PHANTOMA_VAULT_PASSPHRASE', 'PHANTOMA_BACKUP_PASSPHRASE', 'CREDENTIALS_DIRECTORY']) {
+    if (e[k] === undefined) delete process.env[k];
+    else process.env[k] = e[k];
+  }
+  let stdout = '';
+  let stderr = '';
+  try {
+    const code = await runCli([...args, ...settings], { out: (l) => (stdout += l + '\n'), err: (l) => (stderr += l + '\n') });
+    return { code, stdout, stderr };
+  } finally {
+    for (const k of Object.keys(process.env)) if (!(k in saved)) delete process.env[k];
+    Object.assign(process.env, saved);
+  }
+}
+const runBinary = (args: string[], e: NodeJS.ProcessEnv = env) => runPhantoma([...args, ...settings], { env: e });
 const json = (s: string): any => JSON.parse(s);
 
 t.test('init moves the existing TLS key into the vault; keys show prints identity, request keys, TLS', async (t) => {
   const tls = await ensureSelfSignedTls(state);
-  const noCred = await runPhantoma(['vault', 'init', ...settings], { env: { ...process.env, PHANTOMA_VAULT_PASSPHRASE: undefined, CREDENTIALS_DIRECTORY: undefined } });
+  const noCred = await run(['vault', 'init'], { ...env, PHANTOMA_VAULT_PASSPHRASE: undefined, CREDENTIALS_DIRECTORY: undefined });
   t.equal(noCred.code, 9);
   t.match(noCred.stderr, /\[vault_credential_missing\]/);
   t.notOk(existsSync(join(state, 'vault.phv')), 'nothing written without a credential');
   const weak = await runPhantoma(['vault', 'init', `--stateDir=${state}`, '--vault.kdfLog2N=10'], { env });
   t.equal(weak.code, 2, 'a weak KDF needs the test-only flag');
   t.match(weak.stderr, /allowWeakKdf.*\[config_invalid\]/);
-  const init = await run(['vault', 'init', '--json']);
+  const init = await runBinary(['vault', 'init', '--json']);
   t.equal(init.code, 0, init.stderr);
   const made = json(init.stdout);
   t.equal(made.tlsFingerprint, tls.fingerprint, 'the TLS pin survives the move');
@@ -35,18 +54,18 @@ t.test('init moves the existing TLS key into the vault; keys show prints identit
   const again = await run(['vault', 'init']);
   t.equal(again.code, 9);
   t.match(again.stderr, /\[vault_exists\]/);
-  const show = await run(['keys', 'show', '--json']);
+  const show = await runBinary(['keys', 'show', '--json']);
   t.equal(show.code, 0, show.stderr);
   const shown = json(show.stdout);
   t.equal(shown.identityFingerprint, made.identityFingerprint, 'restart keeps identity');
   t.equal(shown.tlsFingerprint, tls.fingerprint);
   t.same(shown.requestKeys.map((k: { id: string }) => k.id), made.requestKeyIds);
-  const wrong = await run(['keys', 'show'], { ...env, PHANTOMA_VAULT_PASSPHRASE: 'nope' });
+  const wrong = await runBinary(['keys', 'show'], { ...env, PHANTOMA_VAULT_PASSPHRASE: 'nope' });
   t.equal(wrong.code, 9);
   t.match(wrong.stderr, /key-check value mismatch.*\[vault_passphrase_wrong\]/);
   const passFile = join(tmp, 'pass.txt');
   writeFileSync(passFile, 'vault pass\n');
-  const viaFile = await runPhantoma(['keys', 'show', '--json', '--passphrase-file', passFile, ...settings]);
+  const viaFile = await run(['keys', 'show', '--json', '--passphrase-file', passFile], { ...process.env, PHANTOMA_VAULT_PASSPHRASE: undefined });
   t.equal(json(viaFile.stdout).identityFingerprint, made.identityFingerprint, '--passphrase-file works (trailing newline dropped)');
 });
 

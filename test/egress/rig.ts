@@ -60,7 +60,10 @@ export interface Listener {
 
 /** A network namespace with a veth pair: host side 10.200.X.1, namespace side 10.200.X.2 (fd00:200:X::/64). */
 export async function createNetns(tag: string): Promise<Netns> {
-  const x = 20 + (process.pid % 200);
+  // A /24 no interface on the host uses yet (parallel test files each make their own namespace).
+  const used = spawnSync('ip', ['-4', '-o', 'addr'], { encoding: 'utf8' }).stdout;
+  let x = 20 + ((process.pid * 7 + tag.charCodeAt(0)) % 200);
+  for (let i = 0; i < 200 && used.includes(`10.200.${x}.`); i++) x = 20 + ((x - 20 + 1) % 200);
   const name = `phantoma-egress-${tag}-${process.pid}`;
   const hostIf = `pe${x}${tag.slice(0, 3)}h`;
   const nsIf = `pe${x}${tag.slice(0, 3)}n`;
