@@ -26,7 +26,7 @@ const { values } = parseArgs({
     nodes: { type: 'string', default: '200' },
     heartbeats: { type: 'string', default: '4000' },
     concurrency: { type: 'string', default: '16' },
-    arms: { type: 'string', default: 'pglite,postgres' },
+    arms: { type: 'string', default: 'floor,pglite,postgres' },
     'cpu-prof': { type: 'string' },
   },
 });
@@ -87,6 +87,64 @@ interface Arm {
   dbCpuMsPerHeartbeat: number | null;
   nodesPerCoreAt10Min: number;
   refused: number;
+}
+
+/** The floor arm: a bare HTTPS server (bench/control-plane-floor.ts), same client, same connection pattern. */
+async function runFloor(): Promise<Arm> {
+  const server = spawn(join(root, '.runtime', 'bin', 'node'), ['--disable-warning=ExperimentalWarning', join(root, 'bench', 'control-plane-floor.ts')], { stdio: ['ignore', 'pipe', 'inherit'] });
+  try {
+    const started = await new Promise<{ url: string; fingerprint: string }>((resolve, reject) => {
+      let out = '';
+      server.stdout!.on('data', (c: Buffer) => {
+        out += c.toString();
+        const nl = out.indexOf('\n');
+        if (nl >= 0) resolve(JSON.parse(out.slice(0, nl)));
+      });
+      server.once('exit', (code) => reject(new Error(`floor server exited with ${code}`)));
+    });
+    const clients = Array.from({ length: NODES }, () => createControlPlaneClient({ url: started.url, pin: started.fingerprint }));
+    const body = JSON.stringify({ heartbeat: { pad: 'x'.repeat(500) }, signature: 'y'.repeat(86) });
+    const drive = async (total: number): Promise<number[]> => {
+      const latencies: number[] = [];
+      let next = 0;
+      await Promise.all(
+        Array.from({ length: CONCURRENCY }, async (_, w) => {
+          let k = w;
+          while (next < total) {
+            next++;
+            const t0 = performance.now();
+            await clients[k % NODES]!.post('/v1/heartbeat', body);
+            k += CONCURRENCY;
+            latencies.push(performance.now() - t0);
+          }
+        }),
+      );
+      return latencies;
+    };
+    await drive(Math.min(500, HEARTBEATS));
+    const before = cpuMsOf(server.pid!);
+    const t0 = performance.now();
+    const latencies = await drive(HEARTBEATS);
+    const seconds = (performance.now() - t0) / 1000;
+    const perHb = (cpuMsOf(server.pid!) - before) / latencies.length;
+    latencies.sort((x, y) => x - y);
+    return {
+      database: 'floor',
+      heartbeats: latencies.length,
+      seconds: Math.round(seconds * 100) / 100,
+      perSecond: Math.round(latencies.length / seconds),
+      p50Ms: Math.round(percentile(latencies, 50) * 100) / 100,
+      p99Ms: Math.round(percentile(latencies, 99) * 100) / 100,
+      cpCpuMsPerHeartbeat: Math.round(perHb * 1000) / 1000,
+      dbCpuMsPerHeartbeat: null,
+      nodesPerCoreAt10Min: Math.round(600_000 / perHb),
+      refused: 0,
+    };
+  } finally {
+    const exited = new Promise((r) => server.once('exit', r));
+    server.kill('SIGKILL');
+    await exited;
+  }
 }
 
 async function runArm(database: 'pglite' | 'postgres'): Promise<Arm> {
@@ -213,12 +271,12 @@ function pgPid(port: number): number {
 }
 
 const arms: Arm[] = [];
-for (const arm of values.arms!.split(',') as Array<'pglite' | 'postgres'>) arms.push(await runArm(arm));
+for (const arm of values.arms!.split(',') as Array<'floor' | 'pglite' | 'postgres'>) arms.push(arm === 'floor' ? await runFloor() : await runArm(arm));
 const report = { date: new Date().toISOString(), nodes: NODES, concurrency: CONCURRENCY, cores: (await import('node:os')).availableParallelism(), arms };
 console.log('database  heartbeats  hb/s  p50 ms  p99 ms  CP CPU ms/hb  DB CPU ms/hb  nodes/core @10 min  refused');
 for (const a of arms) {
   console.log(
-    `${a.database.padEnd(9)} ${String(a.heartbeats).padStart(10)} ${String(a.perSecond).padStart(5)} ${a.p50Ms.toFixed(2).padStart(7)} ${a.p99Ms.toFixed(2).padStart(7)} ${a.cpCpuMsPerHeartbeat.toFixed(3).padStart(13)} ${(a.dbCpuMsPerHeartbeat === null ? '(in CP)' : a.dbCpuMsPerHeartbeat.toFixed(3)).padStart(13)} ${String(a.nodesPerCoreAt10Min).padStart(19)} ${String(a.refused).padStart(8)}`,
+    `${a.database.padEnd(9)} ${String(a.heartbeats).padStart(10)} ${String(a.perSecond).padStart(5)} ${a.p50Ms.toFixed(2).padStart(7)} ${a.p99Ms.toFixed(2).padStart(7)} ${a.cpCpuMsPerHeartbeat.toFixed(3).padStart(13)} ${(a.dbCpuMsPerHeartbeat === null ? (a.database === 'pglite' ? '(in CP)' : '-') : a.dbCpuMsPerHeartbeat.toFixed(3)).padStart(13)} ${String(a.nodesPerCoreAt10Min).padStart(19)} ${String(a.refused).padStart(8)}`,
   );
 }
 mkdirSync(join(root, 'bench', 'results'), { recursive: true });

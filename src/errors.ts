@@ -64,6 +64,7 @@ export const ERRORS = Object.freeze({
   VAULT_PASSPHRASE_WRONG: def('vault_passphrase_wrong', 500, 'server_error', 9),
   VAULT_CORRUPT: def('vault_corrupt', 500, 'server_error', 9),
   VAULT_KDF_REFUSED: def('vault_kdf_refused', 500, 'server_error', 9),
+  VAULT_LOCKED: def('vault_locked', 409, 'invalid_request_error', 9),
   CLIENT_EXISTS: def('client_exists', 409, 'invalid_request_error', 2),
   CLIENT_NOT_FOUND: def('client_not_found', 404, 'not_found_error', 2),
   REQUEST_KEY_UNKNOWN: def('request_key_unknown', 400, 'invalid_request_error', 9),

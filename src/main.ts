@@ -30,6 +30,8 @@ import { probeSwaps } from './doctor/probe.ts';
 import { setupNodeEgress } from './egress/node.ts';
 import type { EgressMonitor } from './egress/monitor.ts';
 import { startNodeKeyd } from './vault/keyd-process.ts';
+import { createSealedRegistry } from './gateway/sealed-registry.ts';
+import { KEYD_SOCKET_IN_WORKER } from './ephemeral/docker-backend.ts';
 import { createKeyDocumentSource } from './gateway/key-document.ts';
 
 export interface RunningNode {
@@ -146,7 +148,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   const audit = createAuditLog({ dir: auditDirOf(config), maxFileBytes: config.audit.maxFileBytes, maxFiles: config.audit.maxFiles });
   // An audit write that fails (disk full) must not take a request down with it; it is logged loudly.
   const record = (event: AuditEvent): void => {
-    control?.observe(event);
+    control.observe(event);
     try {
       audit.append(event);
     } catch (err) {
@@ -155,7 +157,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   };
   // Licensing and heartbeats (issue 11): outbound only, to the control plane the node enrolled with.
   const models: ServedModel[] = [];
-  const control: NodeControl | undefined = createNodeControl({
+  const control: NodeControl = createNodeControl({
     config,
     stateDir,
     logger: log,
@@ -191,6 +193,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   const blocked = policy.allowed ? undefined : new PhantomaError(ERRORS.UNENCRYPTED_SWAP, `workers are not started: ${policy.warning ?? 'unencrypted swap is on'}; turn swap off or encrypt it, or set pool.allowUnencryptedSwap`);
   if (blocked) log.error({ code: blocked.code }, blocked.message);
   else if (policy.warning) log.warn({ code: ERRORS.UNENCRYPTED_SWAP.code }, policy.warning);
+  const workerKeydSocket = !keyd ? undefined : deps.backend || config.workers.backend === 'process' ? keyd.socketPath : config.workers.backend === 'docker' && !config.docker.keydSocket ? undefined : KEYD_SOCKET_IN_WORKER;
   for (const resolved of resolvedModels) {
     const name = resolved.name;
     const summary = readGgufSummary(resolved.path);
@@ -206,6 +209,10 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
         threads: config.inference.threads,
         batchSize: config.inference.batchSize,
         logLevel: config.logLevel === 'info' ? 'warn' : config.logLevel,
+        // Sealed requests (issue 8): where keyd's socket is in the worker's view — the warden and Docker
+        // bind it at a fixed path; a plain process worker sees the host path.
+        ...(workerKeydSocket ? { keydSocket: workerKeydSocket } : {}),
+        maxEnvelopeBytes: config.sealed.maxEnvelopeBytes,
       },
       size: config.pool.size,
       maxActive: config.pool.maxActive,
@@ -219,6 +226,23 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   metrics.watchPools(models.map((m) => m.pool));
 
   const g = config.gateway;
+  const processStartMs = Date.now();
+  // The sealed API (issue 8): checks against keyd's public registry, receipts signed by keyd.
+  const sealedApi = (client: NonNullable<typeof keyd>['client']) => {
+    const registry = createSealedRegistry({ fetch: () => client.registry() });
+    return {
+      maxEnvelopeBytes: config.sealed.maxEnvelopeBytes,
+      windowMs: config.sealed.windowMs,
+      processStartMs,
+      maxRememberedNonces: config.sealed.maxRememberedNonces,
+      refresh: registry.refresh,
+      lookupClient: registry.lookupClient,
+      lookupKey: registry.lookupKey,
+      signReceipt: (payload: Buffer) => client.sign('receipt', payload),
+      egressPolicyHash: egress.policyHash,
+      releaseVersion: '0.1.0',
+    };
+  };
   // With a vault the TLS key lives there and comes from keyd; without one, in the state directory as before.
   const tls = g.tls === 'self-signed' ? await (keyd ? keyd.tls() : ensureSelfSignedTls(stateDir)) : g.tls === 'provided' ? loadProvidedTls(g.tlsCertPath!, g.tlsKeyPath!) : undefined;
   if (tls?.generated) log.info({ fingerprint: tls.fingerprint }, 'made a new TLS key and self-signed certificate');
@@ -227,7 +251,8 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   const apiKeys = g.auth === 'api-keys' ? createApiKeyStore({ path: apiKeyStorePath(config) }) : undefined;
 
   const { app, metricsApp } = await buildGateway({ config: g, models, apiKeys, logger: log, metrics, audit: record, license: () => control.license(), ...(tls ? { tls } : {}),
-    ...(keyd ? { keyDocument: createKeyDocumentSource({ keyd: keyd.client, egressPolicyHash: egress.policyHash, tlsFingerprint: tls?.fingerprint }) } : {}) });
+    ...(keyd ? { keyDocument: createKeyDocumentSource({ keyd: keyd.client, egressPolicyHash: egress.policyHash, tlsFingerprint: tls?.fingerprint }) } : {}),
+    ...(keyd ? { sealed: sealedApi(keyd.client) } : {}) });
   for (const m of models) m.pool.start();
   control.start();
   let closing: Promise<void> | undefined;

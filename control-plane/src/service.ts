@@ -88,7 +88,7 @@ export function createControlPlaneService(deps: ControlPlaneDeps): ControlPlaneS
   const now = deps.clock ?? Date.now;
   const skewMs = config.heartbeat.maxClockSkewSeconds * 1000;
   const graceMs = config.lease.graceSeconds * 1000;
-  // Verified public keys by raw bytes: a cache of a pure function (not shared state), bounded.
+  // Parsed public keys by raw bytes: a cache of a pure function, bounded.
   const keyCache = new Map<string, ReturnType<typeof ed25519PublicKey>>();
   const publicKeyOf = (raw: Uint8Array): ReturnType<typeof ed25519PublicKey> => {
     const id = Buffer.from(raw).toString('base64url');
@@ -100,6 +100,11 @@ export function createControlPlaneService(deps: ControlPlaneDeps): ControlPlaneS
     }
     return k;
   };
+  // An enrolment's key never changes (re-enrolment makes a new enrolment id), so (node, enrolment) → key
+  // is immutable and safe to remember per instance: the happy path is then one SQL statement, whose WHERE
+  // still checks status, enrolment and counter in the database. Not shared state: a miss just reads it.
+  const enrolmentKeys = new Map<string, Uint8Array>();
+  const ENROLMENT_KEYS_MAX = 200_000;
 
   function leaseStateOf(status: string, expires: number | null, at: number): LeaseState {
     if (status === 'revoked') return 'revoked';
@@ -220,15 +225,22 @@ export function createControlPlaneService(deps: ControlPlaneDeps): ControlPlaneS
       const req = body as HeartbeatRequest;
       const hb = req.heartbeat;
       const at = now();
-      const row = await nodeRow(hb.node);
-      if (!row) throw new CpError(CP_ERRORS.NODE_UNKNOWN, 'unknown node');
-      if (!verifySignature(publicKeyOf(row.public_key), DOMAIN.heartbeat, hb, req.signature)) throw new CpError(CP_ERRORS.BAD_SIGNATURE, 'the heartbeat is not signed by the enrolled key of this node');
-      if (row.status === 'revoked') {
-        // Signed, so the node can trust it and stop serving; nothing is recorded.
-        throw new CpError(CP_ERRORS.NODE_REVOKED, 'this node is revoked', { details: { lease: makeLease(row.name, row.enrolment, hb.counter, 'revoked', at) } });
+      const cacheId = `${hb.node}/${hb.enrolment}`;
+      const known = enrolmentKeys.get(cacheId);
+      if (known) {
+        if (!verifySignature(publicKeyOf(known), DOMAIN.heartbeat, hb, req.signature)) throw new CpError(CP_ERRORS.BAD_SIGNATURE, 'the heartbeat is not signed by the enrolled key of this node');
+      } else {
+        const row = await nodeRow(hb.node);
+        if (!row) throw new CpError(CP_ERRORS.NODE_UNKNOWN, 'unknown node');
+        if (!verifySignature(publicKeyOf(row.public_key), DOMAIN.heartbeat, hb, req.signature)) throw new CpError(CP_ERRORS.BAD_SIGNATURE, 'the heartbeat is not signed by the enrolled key of this node');
+        if (row.status === 'revoked') {
+          // Signed, so the node can trust it and stop serving; nothing is recorded.
+          throw new CpError(CP_ERRORS.NODE_REVOKED, 'this node is revoked', { details: { lease: makeLease(row.name, row.enrolment, hb.counter, 'revoked', at) } });
+        }
+        if (row.enrolment !== hb.enrolment) throw new CpError(CP_ERRORS.ENROLMENT_SUPERSEDED, 'this enrolment was superseded by a newer one of the same node');
+        if (enrolmentKeys.size >= ENROLMENT_KEYS_MAX) enrolmentKeys.clear();
+        enrolmentKeys.set(cacheId, row.public_key);
       }
-      if (row.enrolment !== hb.enrolment) throw new CpError(CP_ERRORS.ENROLMENT_SUPERSEDED, 'this enrolment was superseded by a newer one of the same node');
-      if (hb.counter <= Number(row.last_counter)) throw new CpError(CP_ERRORS.COUNTER_STALE, `counter ${hb.counter} is not above the last accepted ${Number(row.last_counter)} (a replay or an old heartbeat)`);
       checkSkew(hb.time, at);
       const expires = at + config.lease.validitySeconds * 1000;
       const state = JSON.stringify({ time: hb.time, counters: hb.counters, pool: hb.pool, ...(hb.auditHead ? { auditHead: hb.auditHead } : {}) });
@@ -247,8 +259,9 @@ export function createControlPlaneService(deps: ControlPlaneDeps): ControlPlaneS
       if (done.length === 0) {
         const again = await nodeRow(hb.node);
         if (again?.status === 'revoked') throw new CpError(CP_ERRORS.NODE_REVOKED, 'this node is revoked', { details: { lease: makeLease(again.name, again.enrolment, hb.counter, 'revoked', at) } });
-        if (again && again.enrolment !== hb.enrolment) throw new CpError(CP_ERRORS.ENROLMENT_SUPERSEDED, 'this enrolment was superseded by a newer one of the same node');
-        throw new CpError(CP_ERRORS.COUNTER_STALE, `counter ${hb.counter} was overtaken by a concurrent heartbeat`);
+        if (!again) throw new CpError(CP_ERRORS.NODE_UNKNOWN, 'unknown node');
+        if (again.enrolment !== hb.enrolment) throw new CpError(CP_ERRORS.ENROLMENT_SUPERSEDED, 'this enrolment was superseded by a newer one of the same node');
+        throw new CpError(CP_ERRORS.COUNTER_STALE, `counter ${hb.counter} is not above the last accepted ${Number(again.last_counter)} (a replay, an old heartbeat, or overtaken by a concurrent one)`);
       }
       return makeLease(hb.node, hb.enrolment, hb.counter, 'active', at);
     },

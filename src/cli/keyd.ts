@@ -8,14 +8,14 @@ import { createLogger } from '../logger.ts';
 import { setDumpable } from '../native/addon.ts';
 import { readVault } from '../vault/store.ts';
 import { vaultPathOf } from '../vault/settings.ts';
-import { createKeyService, listenKeyd, watchedVault } from '../vault/keyd.ts';
+import { createKeyService, listenKeyd, pruneExpiredInVault, watchedVault } from '../vault/keyd.ts';
 import { CREDENTIAL_OPTIONS, vaultCredential } from './vault.ts';
 import { intOption } from './options.ts';
 
 export const keydCommand: Command = {
   summary: 'run keyd, the process that holds the vault keys (started by serve when a vault exists)',
-  usage: 'phantoma keyd [--gateway-uid UID] [--passphrase-file F | --key-file F] [--exit-with-parent]  (socket: --vault.keydSocket)',
-  options: { ...CREDENTIAL_OPTIONS, 'gateway-uid': { type: 'string' }, 'exit-with-parent': { type: 'boolean' } },
+  usage: 'phantoma keyd [--gateway-uid UID] [--passphrase-file F | --key-file F] [--exit-with-parent] [--docker-cgroup-parent PATH]  (socket: --vault.keydSocket)',
+  options: { ...CREDENTIAL_OPTIONS, 'gateway-uid': { type: 'string' }, 'exit-with-parent': { type: 'boolean' }, 'docker-cgroup-parent': { type: 'string' } },
   async run(ctx, { values, positionals }) {
     if (positionals.length) throw new UsageError(ERRORS.CLI_USAGE, `usage: ${this.usage}`);
     const config = ctx.config();
@@ -27,10 +27,27 @@ export const keydCommand: Command = {
     const contents = watchedVault(path, opened.keys, opened.contents, logger);
     const service = createKeyService({
       contents,
-      policy: { gatewayUid, workerUids: { from: config.warden.uidFrom, to: config.warden.uidTo }, cgroupName: config.warden.cgroupName },
+      policy: {
+        gatewayUid,
+        workerUids: { from: config.warden.uidFrom, to: config.warden.uidTo },
+        cgroupName: config.warden.cgroupName,
+        ...(typeof values['docker-cgroup-parent'] === 'string' ? { dockerCgroupParent: values['docker-cgroup-parent'] } : {}),
+      },
       audit: (e) => ctx.out(JSON.stringify({ audit: e })),
     });
     const server = await listenKeyd({ socketPath: config.vault.keydSocket, service, logger });
+    // Keys past their rotation overlap leave the vault file too, not only keyd's use (docs/threat-model.md).
+    const prune = (): void => {
+      try {
+        const removed = pruneExpiredInVault(path, opened.keys, new Date());
+        if (removed.length) logger.info({ removed }, 'keyd: expired request keys removed from the vault');
+      } catch (err) {
+        logger.warn({ code: (err as { code?: string }).code }, 'keyd: could not prune expired request keys; will retry');
+      }
+    };
+    prune();
+    const pruneTimer = setInterval(prune, 60_000);
+    pruneTimer.unref();
     ctx.out(JSON.stringify({ ready: true, pid: process.pid, socket: config.vault.keydSocket }));
     const stopped = Promise.withResolvers<void>();
     const stop = (): void => void server.close().then(() => stopped.resolve());

@@ -2,7 +2,7 @@
 // passphrase, restore them onto a rebuilt node (clients' identity pins survive). Credentials come from
 // files, the environment or a systemd credential, never from an argument value (src/vault/credential.ts).
 import { existsSync, readFileSync, unlinkSync } from 'node:fs';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import type { Command, CommandContext } from './main.ts';
 import type { Config } from '../config/schema.ts';
 import { ERRORS, UsageError, PhantomaError } from '../errors.ts';
@@ -61,11 +61,16 @@ async function init(ctx: CommandContext, values: Values): Promise<number> {
 async function exportBackup(ctx: CommandContext, values: Values, file: string): Promise<number> {
   const config = ctx.config();
   const backupCredential = resolveBackupCredential({ passphraseFile: typeof values['backup-passphrase-file'] === 'string' ? values['backup-passphrase-file'] : undefined, env: process.env });
-  const opened = readVault(vaultPathOf(config), vaultCredential(config, values));
+  const credential = vaultCredential(config, values);
+  // A backup under the vault's own passphrase would make the two one secret.
+  if (credential.kind === 'passphrase' && Buffer.from(credential.secret).equals(Buffer.from(backupCredential.secret))) {
+    throw new UsageError(ERRORS.CLI_USAGE, 'the backup passphrase must differ from the vault passphrase');
+  }
+  const opened = readVault(vaultPathOf(config), credential);
   const keys = newSealKeys(backupCredential, scryptParamsOf(config));
-  createSealed(resolveFromRoot(file), 'backup', keys, opened.contents);
+  createSealed(resolve(file), 'backup', keys, opened.contents);
   const fp = identityFingerprint(Buffer.from(opened.contents.identity.publicKey, 'base64'));
-  ctx.out(ctx.json ? JSON.stringify({ file: resolveFromRoot(file), identityFingerprint: fp, clients: opened.contents.clients.length }) : `backup written to ${resolveFromRoot(file)} (identity ${fp}, ${opened.contents.clients.length} clients)`);
+  ctx.out(ctx.json ? JSON.stringify({ file: resolve(file), identityFingerprint: fp, clients: opened.contents.clients.length }) : `backup written to ${resolve(file)} (identity ${fp}, ${opened.contents.clients.length} clients)`);
   return 0;
 }
 
@@ -75,7 +80,7 @@ async function importBackup(ctx: CommandContext, values: Values, file: string): 
   if (existsSync(path)) throw new PhantomaError(ERRORS.VAULT_EXISTS, `a vault already exists at ${path}; move it away first (import never overwrites)`);
   const backupCredential = resolveBackupCredential({ passphraseFile: typeof values['backup-passphrase-file'] === 'string' ? values['backup-passphrase-file'] : undefined, env: process.env });
   const credential = vaultCredential(config, values);
-  const restored = readVault(resolveFromRoot(file), backupCredential, 'backup');
+  const restored = readVault(resolve(file), backupCredential, 'backup');
   const keys = createVault(path, credential, scryptParamsOf(config), restored.contents);
   const fp = identityFingerprint(Buffer.from(restored.contents.identity.publicKey, 'base64'));
   ctx.out(ctx.json ? JSON.stringify({ path, identityFingerprint: fp, clients: restored.contents.clients.length, kdf: describeKdf(keys) }) : `vault restored at ${path} (identity ${fp}, ${restored.contents.clients.length} clients)`);

@@ -27,6 +27,7 @@ import {
   statSync,
   symlinkSync,
 } from 'node:fs';
+import { isBuiltin } from 'node:module';
 import { tmpdir } from 'node:os';
 import { dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { PhantomaError, ERRORS } from '../errors.ts';
@@ -35,8 +36,36 @@ import { PhantomaError, ERRORS } from '../errors.ts';
 export const IMAGE_PROJECT_DIR = '/opt/phantoma';
 export const IMAGE_REPO = 'phantoma-worker';
 
-/** Packages a worker imports (dist/src/ephemeral/worker-main.js and what it loads); their dependencies follow. */
-const WORKER_PACKAGES = ['node-llama-cpp', '@node-llama-cpp/linux-x64', 'pino'] as const;
+/** The worker's entry in dist/; the packages it (transitively) imports are found from it. */
+const WORKER_ENTRY = 'dist/src/ephemeral/worker-main.js';
+/** Loaded by node-llama-cpp at run time, not imported by name: the prebuilt CPU binaries. */
+const RUNTIME_PACKAGES = ['@node-llama-cpp/linux-x64'] as const;
+
+/** Bare package names the compiled worker imports, following its relative imports through dist/. */
+export function workerImports(root: string): string[] {
+  const pkgs = new Set<string>();
+  const seen = new Set<string>();
+  const todo = [join(root, WORKER_ENTRY)];
+  const spec = /(?:\bfrom\s*|\bimport\s*\(\s*|\bimport\s+)['"]([^'"]+)['"]/g;
+  while (todo.length) {
+    const file = todo.pop()!;
+    if (seen.has(file)) continue;
+    seen.add(file);
+    const text = readFileSync(file, 'utf8');
+    for (const m of text.matchAll(spec)) {
+      const s = m[1]!;
+      if (s.startsWith('node:') || isBuiltin(s)) continue;
+      if (s.startsWith('.')) {
+        const target = resolve(dirname(file), s);
+        if (existsSync(target)) todo.push(target);
+        continue;
+      }
+      const parts = s.split('/');
+      pkgs.add(s.startsWith('@') ? `${parts[0]}/${parts[1]}` : parts[0]!);
+    }
+  }
+  return [...pkgs].sort();
+}
 
 /**
  * Left out of the image: node-llama-cpp's git bundle of the llama.cpp sources (34 MB), used only to build
@@ -82,7 +111,7 @@ export function workerPackageDirs(root: string): string[] {
       if (d) visit(d); // an optional dependency for another platform is simply not installed
     }
   };
-  for (const name of WORKER_PACKAGES) {
+  for (const name of [...workerImports(root), ...RUNTIME_PACKAGES]) {
     const d = packageDir(root, name, root);
     if (!d) throw new PhantomaError(ERRORS.CONFIG_INVALID, `node_modules/${name} is missing: run scripts/setup.sh`);
     visit(d);

@@ -14,17 +14,19 @@ export interface KeyDocumentSource {
 export function createKeyDocumentSource(deps: { keyd: KeydClient; egressPolicyHash: () => string; tlsFingerprint: string | undefined; ttlMs?: number; clock?: () => number }): KeyDocumentSource {
   const ttl = deps.ttlMs ?? 60_000;
   const clock = deps.clock ?? Date.now;
-  let cached: { body: string; at: number; policy: string } | undefined;
+  let cached: { body: string; until: number; policy: string } | undefined;
   let pending: Promise<string> | undefined;
   return {
     get() {
       const policy = deps.egressPolicyHash();
-      if (cached && clock() - cached.at < ttl && cached.policy === policy) return Promise.resolve(cached.body);
+      if (cached && clock() < cached.until && cached.policy === policy) return Promise.resolve(cached.body);
       pending ??= deps.keyd
         .keyDocument({ egressPolicyHash: policy, tlsCertificateSha256: deps.tlsFingerprint ?? '' })
         .then((r) => {
           const body = encodeSignedKeyDocument(r.document, Buffer.from(r.signature, 'base64'));
-          cached = { body, at: clock(), policy };
+          // Never served past the end of a listed key's window (rotation overlap ending).
+          const firstEnd = Math.min(...r.document.requestKeys.map((k) => Date.parse(k.notAfter)));
+          cached = { body, until: Math.min(clock() + ttl, firstEnd), policy };
           return body;
         })
         .finally(() => (pending = undefined));

@@ -27,6 +27,8 @@ export interface SealedApiDeps {
   /** Envelopes stamped before this are refused (the replay memory starts empty with the process). */
   processStartMs: number;
   maxRememberedNonces: number;
+  /** Brings lookupClient/lookupKey up to date (cheap when fresh); called before each envelope's checks. */
+  refresh?(): Promise<void>;
   lookupClient(name: string): KnownClient | undefined;
   lookupKey(keyId: string): KnownRequestKey | undefined;
   /** keyd's signature (purpose "receipt") over the receipt's canonical JSON. */
@@ -99,6 +101,7 @@ export function registerSealedRoute(
     if (!Buffer.isBuffer(body)) throw new PhantomaError(ERRORS.UNSUPPORTED_MEDIA_TYPE, `send the envelope as ${SEALED_CONTENT_TYPE}`);
     let env: Envelope;
     try {
+      await deps.refresh?.();
       env = checkEnvelope(body, {
         maxEnvelopeBytes: deps.maxEnvelopeBytes,
         lookupClient: deps.lookupClient,

@@ -13,12 +13,19 @@ export interface DecapsulateRequest {
   transcriptHash: Uint8Array;
 }
 
+export interface KeydRegistry {
+  clients: Array<{ name: string; publicKey: string; revoked: boolean }>;
+  requestKeys: Array<{ id: string; notBefore: string; notAfter: string }>;
+}
+
 export interface KeydClient {
   call(request: Record<string, unknown>): Promise<Record<string, unknown>>;
   ping(): Promise<{ pid: number }>;
   tls(): Promise<{ key: string; cert: string }>;
   keyDocument(p: { egressPolicyHash: string; tlsCertificateSha256?: string }): Promise<{ document: KeyDocument; signature: string }>;
   sign(purpose: 'receipt' | 'heartbeat', payload: Uint8Array): Promise<Buffer>;
+  /** The public registry the gateway checks sealed envelopes against (clients, request key windows). */
+  registry(): Promise<KeydRegistry>;
   /** A worker's one call: the per-request key (32 bytes). */
   decapsulate(r: DecapsulateRequest): Promise<Buffer>;
 }
@@ -76,6 +83,10 @@ export function createKeydClient(opts: { socketPath: string; timeoutMs?: number 
     keyDocument: async (p) => {
       const r = await call({ op: 'key-document', ...p });
       return { document: r.document as KeyDocument, signature: String(r.signature) };
+    },
+    registry: async () => {
+      const r = await call({ op: 'registry' });
+      return { clients: r.clients as KeydRegistry['clients'], requestKeys: r.requestKeys as KeydRegistry['requestKeys'] };
     },
     sign: async (purpose, payload) => Buffer.from(String((await call({ op: 'sign', purpose, payload: b64(payload) })).signature), 'base64'),
     decapsulate: async (r) =>

@@ -26,6 +26,8 @@ export async function startKeydProcess(o: {
   gatewayUid: number;
   cgroupName: string;
   workerUids: { from: number; to: number };
+  /** Docker backend: worker containers' CgroupParent (keyd then accepts `<parent>/<container id>` callers too). */
+  dockerCgroupParent?: string;
   logLevel: string;
   env: NodeJS.ProcessEnv;
   logger: Logger;
@@ -45,6 +47,7 @@ export async function startKeydProcess(o: {
     '--gateway-uid',
     String(o.gatewayUid),
     '--exit-with-parent',
+    ...(o.dockerCgroupParent ? ['--docker-cgroup-parent', o.dockerCgroupParent] : []),
   ];
   const log = o.logger.child({ component: 'keyd' });
   const child: ChildProcess = spawn(process.execPath, args, { env: o.env, stdio: ['pipe', 'pipe', 'pipe'] });
@@ -116,6 +119,7 @@ export async function startNodeKeyd(config: Readonly<Config>, deps: { logger: Lo
         gatewayUid: process.getuid!(),
         cgroupName: config.warden.cgroupName,
         workerUids: { from: config.warden.uidFrom, to: config.warden.uidTo },
+        ...(config.workers.backend === 'docker' ? { dockerCgroupParent: config.docker.cgroupParent } : {}),
         logLevel: config.logLevel,
         env: deps.env,
         logger: deps.logger,

@@ -15,8 +15,8 @@ import { dirname } from 'node:path';
 import { peerPidfd, socketFd, peerCredentials } from '../native/addon.ts';
 import { ERRORS, PhantomaError } from '../errors.ts';
 import { combineKem, decapsulate, MLKEM768_CIPHERTEXT_BYTES, TRANSCRIPT_HASH_BYTES, X25519_PUBLIC_BYTES } from '../sealed/kem.ts';
-import { identityPrivateKey, isKeyUsable, requestPrivateKeys, type VaultContents } from './contents.ts';
-import { readVault } from './store.ts';
+import { identityPrivateKey, isKeyUsable, pruneExpiredKeys, requestPrivateKeys, type VaultContents } from './contents.ts';
+import { readVault, updateVault } from './store.ts';
 import type { SealKeys } from './format.ts';
 import { signPayload, canonicalJson, SIGN_PURPOSES, type KeyDocument, type SignPurpose } from './signing.ts';
 import { certificateFingerprint } from '../gateway/tls.ts';
@@ -26,6 +26,7 @@ import type { Logger } from '../logger.ts';
 export const KEYD_SOCKET_IN_WORKER = '/run/phantoma/keyd.sock';
 export const KEYD_MAX_LINE = 16 * 1024;
 export const KEYD_IDLE_MS = 5000;
+export const KEYD_MAX_CONNECTIONS = 256;
 /** Worker cgroups remembered as used; past this, keyd refuses every decapsulation rather than forget one. */
 export const KEYD_MAX_USED = 1 << 20;
 
@@ -39,7 +40,10 @@ export interface Caller {
 export interface KeydPolicy {
   gatewayUid: number;
   workerUids: { from: number; to: number };
+  /** The warden's subtree name: a warden worker is in `.../<cgroupName>/workers/<16 hex>`. */
   cgroupName: string;
+  /** Docker backend (issue 6): its workers are containers in `<dockerCgroupParent>/<64 hex container id>`. */
+  dockerCgroupParent?: string;
 }
 
 /** keyd's audit events (relayed to the node's audit log by the gateway, src/vault/keyd-process.ts). */
@@ -53,8 +57,12 @@ export interface KeyService {
 
 export function workerIdOf(caller: Caller, policy: KeydPolicy): string | undefined {
   if (caller.uid < policy.workerUids.from || caller.uid > policy.workerUids.to || !caller.cgroup) return undefined;
-  const m = /\/([^/]+)\/workers\/([0-9a-f]{16})$/.exec(caller.cgroup);
-  return m && m[1] === policy.cgroupName.split('/').pop() && caller.cgroup.endsWith(`/${policy.cgroupName}/workers/${m[2]}`) ? m[2] : undefined;
+  const warden = /\/([^/]+)\/workers\/([0-9a-f]{16})$/.exec(caller.cgroup);
+  if (warden && warden[1] === policy.cgroupName) return warden[2];
+  const parent = policy.dockerCgroupParent?.replace(/\/+$/, '');
+  const docker = parent ? /^(.*)\/([0-9a-f]{64})$/.exec(caller.cgroup) : null;
+  if (docker && docker[1] === parent) return docker[2];
+  return undefined;
 }
 
 const b64 = (v: unknown, bytes: number): Buffer | undefined => {
@@ -143,10 +151,20 @@ export function createKeyService(deps: {
       const r = (request && typeof request === 'object' ? request : {}) as Record<string, unknown>;
       const op = typeof r.op === 'string' ? r.op.slice(0, 32) : '';
       if (op === 'decapsulate') return decap(caller, r);
-      if (op !== 'key-document' && op !== 'sign' && op !== 'tls' && op !== 'ping') return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'unknown op' };
+      if (op !== 'key-document' && op !== 'sign' && op !== 'tls' && op !== 'ping' && op !== 'registry') return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'unknown op' };
       if (op === 'ping') return { ok: true, pid: process.pid };
       if (!isGateway(caller)) return refuse(caller, op, ERRORS.KEYD_REFUSED, 'not_gateway', `${op} is for the gateway only`);
       if (op === 'key-document') return keyDocument(r);
+      if (op === 'registry') {
+        // What the gateway's sealed checks need, all public: clients (name, Ed25519 public key, revoked)
+        // and the request key ids with their windows. No private key leaves keyd.
+        const c = deps.contents();
+        return {
+          ok: true,
+          clients: c.clients.map((x) => ({ name: x.name, publicKey: x.publicKey, revoked: x.revokedAt !== undefined })),
+          requestKeys: c.requestKeys.map((k) => ({ id: k.id, notBefore: k.notBefore, notAfter: k.notAfter })),
+        };
+      }
       if (op === 'tls') {
         const tls = deps.contents().tls;
         return tls ? { ok: true, key: tls.key, cert: tls.cert } : { ok: false, code: ERRORS.TLS_SETUP_FAILED.code, message: 'the vault holds no TLS key' };
@@ -231,6 +249,8 @@ export async function listenKeyd(opts: { socketPath: string; service: KeyService
       }
     });
   });
+  // Bounded: a local process opening connections in a loop must not exhaust keyd's descriptors.
+  server.maxConnections = KEYD_MAX_CONNECTIONS;
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(opts.socketPath, () => resolve());
@@ -249,6 +269,23 @@ export async function listenKeyd(opts: { socketPath: string; service: KeyService
         }
       }),
   };
+}
+
+/**
+ * Removes request keys past their window from the vault file itself (keyd runs this every minute), so a
+ * rotated key is gone from the vault once its overlap ends even if nobody rotates again. Returns the ids
+ * removed; the write is the usual locked, atomic update.
+ */
+export function pruneExpiredInVault(path: string, keys: SealKeys, now: Date): string[] {
+  const expired = readVault(path, keys).contents.requestKeys.filter((k) => Date.parse(k.notAfter) <= now.getTime());
+  if (expired.length === 0) return [];
+  // Never the last key: a node with no request key could not be reached by sealed requests at all.
+  const after = updateVault(path, keys, (c) => {
+    const kept = pruneExpiredKeys(c, now);
+    return kept.requestKeys.length > 0 ? kept : c;
+  });
+  const left = new Set(after.contents.requestKeys.map((k) => k.id));
+  return expired.map((k) => k.id).filter((id) => !left.has(id));
 }
 
 /** The vault as keyd sees it: re-read (under the keys already derived) whenever the file changes. */

@@ -2,7 +2,7 @@
 // temp file → fsync → rename over the old vault → fsync the directory, so a crash at any step leaves the
 // old vault or the new one, never neither and never a half-written one. Leftover temp files of a crashed
 // write are removed on the next read (no older sealed copy is kept beside the vault).
-import { closeSync, existsSync, fsyncSync, linkSync, openSync, readdirSync, readFileSync, renameSync, unlinkSync, writeSync, mkdirSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, linkSync, openSync, readdirSync, readFileSync, renameSync, unlinkSync, writeFileSync, writeSync, mkdirSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { ERRORS, PhantomaError } from '../errors.ts';
@@ -24,9 +24,20 @@ export interface OpenedVault {
   keys: SealKeys;
 }
 
+/** Temp files are `.<vault name>.<writer pid>.<random>.tmp`: the pid tells a crashed writer's from a live one's. */
 function tempPattern(path: string): (name: string) => boolean {
   const prefix = `.${basename(path)}.`;
-  return (name) => name.startsWith(prefix) && name.endsWith('.tmp');
+  return (name) => name.startsWith(prefix) && name.endsWith('.tmp') && /^\d+\.[0-9a-f]{12}$/.test(name.slice(prefix.length, -4));
+}
+
+function writerAlive(pid: number): boolean {
+  if (pid === process.pid) return true;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
 }
 
 /** Removes temp files a crashed write left beside the vault (sealed, but an extra copy all the same). */
@@ -39,13 +50,27 @@ export function removeStaleTemps(path: string): number {
   } catch {
     return 0;
   }
+  const prefix = `.${basename(path)}.`;
   for (const name of names.filter(tempPattern(path))) {
+    // A live writer's temp file is its next vault: leave it (it is renamed or removed by that writer).
+    if (writerAlive(Number(name.slice(prefix.length).split('.')[0]))) continue;
     try {
       unlinkSync(join(dir, name));
       removed++;
     } catch {
       /* gone already */
     }
+  }
+  // And the lock of a writer that died holding it.
+  const lock = join(dir, `${prefix}lock`);
+  try {
+    const holder = Number(readFileSync(lock, 'utf8'));
+    if (!(Number.isSafeInteger(holder) && holder > 0 && writerAlive(holder))) {
+      unlinkSync(lock);
+      removed++;
+    }
+  } catch {
+    /* no lock */
   }
   if (removed) fsyncDir(dir);
   return removed;
@@ -80,7 +105,7 @@ export function readVault(path: string, credential: Credential | SealKeys, kind:
 function writeTemp(path: string, bytes: Buffer, mode: number, onStep: (s: WriteStep) => void): string {
   const dir = dirname(path);
   mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const temp = join(dir, `.${basename(path)}.${randomBytes(6).toString('hex')}.tmp`);
+  const temp = join(dir, `.${basename(path)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
   const fd = openSync(temp, 'wx', mode);
   try {
     onStep('temp-created');
@@ -156,11 +181,62 @@ export function createVault(path: string, credential: Credential, params: Scrypt
 }
 
 /** Read, change, write back under the same keys (no second KDF run). */
+/**
+ * Read, change, write back under the same keys (no second KDF run). One writer at a time: an update takes
+ * `.<vault name>.lock` (O_EXCL, holding its pid), so two commands cannot both read the old vault and the
+ * second silently drop the first's change. A lock whose pid is gone (a crash) is taken over.
+ */
 export function updateVault(path: string, credential: Credential | SealKeys, change: (c: VaultContents) => VaultContents, opts: WriteOptions = {}): OpenedVault {
-  const opened = readVault(path, credential);
-  const next = change(opened.contents);
-  writeSealed(path, 'vault', opened.keys, next, opts);
-  return { contents: next, keys: opened.keys };
+  const release = lockVault(path);
+  try {
+    const opened = readVault(path, credential);
+    const next = change(opened.contents);
+    writeSealed(path, 'vault', opened.keys, next, opts);
+    return { contents: next, keys: opened.keys };
+  } finally {
+    release();
+  }
+}
+
+function lockVault(path: string): () => void {
+  const lock = join(dirname(path), `.${basename(path)}.lock`);
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      // Made whole, then linked into place: a reader never sees a lock without its pid.
+      const pending = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
+      writeFileSync(pending, String(process.pid), { mode: 0o600 });
+      try {
+        linkSync(pending, lock);
+      } finally {
+        unlinkSync(pending);
+      }
+      return () => {
+        try {
+          unlinkSync(lock);
+        } catch {
+          /* gone */
+        }
+      };
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new PhantomaError(ERRORS.VAULT_NOT_FOUND, `no vault at ${path} (phantoma vault init makes one)`);
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      let holder = NaN;
+      try {
+        holder = Number(readFileSync(lock, 'utf8'));
+      } catch {
+        /* removed meanwhile: retry */
+      }
+      if (Number.isSafeInteger(holder) && holder > 0 && holder !== process.pid && writerAlive(holder)) {
+        throw new PhantomaError(ERRORS.VAULT_LOCKED, `the vault is being changed by process ${holder} (lock ${lock}); try again when it is done`);
+      }
+      try {
+        unlinkSync(lock);
+      } catch {
+        /* someone else took it over */
+      }
+    }
+  }
+  throw new PhantomaError(ERRORS.VAULT_LOCKED, `cannot take the vault lock ${lock}`);
 }
 
 export function describeKdf(keys: SealKeys): string {

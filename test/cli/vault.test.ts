@@ -2,7 +2,8 @@
 // clients add/list/revoke, keys rotate, export → wipe → import keeps identity and the client registry;
 // bad input exits with its documented code and writes nothing.
 import t from 'tap';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runPhantoma } from '../helpers.ts';
@@ -107,6 +108,9 @@ t.test('export → wipe → import keeps identity and the client registry; a wro
   const before = json((await run(['keys', 'show', '--json'])).stdout);
   const clients = json((await run(['clients', 'list', '--json'])).stdout);
   const backup = join(tmp, 'node.backup');
+  const same = await run(['vault', 'export', backup], { ...env, PHANTOMA_BACKUP_PASSPHRASE: 'vault pass' });
+  t.equal(same.code, 2, 'a backup passphrase equal to the vault passphrase is refused');
+  t.notOk(existsSync(backup), 'and nothing is written');
   const ex = await run(['vault', 'export', backup]);
   t.equal(ex.code, 0, ex.stderr);
   t.equal((await run(['vault', 'export', backup])).code, 9, 'an existing backup is not overwritten');
@@ -125,4 +129,27 @@ t.test('export → wipe → import keeps identity and the client registry; a wro
   t.equal(after.tlsFingerprint, before.tlsFingerprint);
   t.same(json((await run(['clients', 'list', '--json'], { ...env, PHANTOMA_VAULT_PASSPHRASE: 'a new vault pass' })).stdout), clients, 'client registry survives');
   t.equal((await run(['vault', 'import', backup])).code, 9, 'import never overwrites a vault');
+});
+
+t.test('a systemd credential (key file in $CREDENTIALS_DIRECTORY) seals and opens a vault; --key-file too', async (t) => {
+  const credDir = join(tmp, 'creds');
+  mkdirSync(credDir, { mode: 0o700 });
+  writeFileSync(join(credDir, 'phantoma-vault-key'), randomBytes(32));
+  const other = `--vault.path=${join(tmp, 'cred-vault.phv')}`;
+  const credEnv = { ...process.env, PHANTOMA_VAULT_PASSPHRASE: undefined, CREDENTIALS_DIRECTORY: credDir };
+  const init = await run(['vault', 'init', '--json', other], credEnv);
+  t.equal(init.code, 0, init.stderr);
+  t.match(json(init.stdout).kdf, /key file/);
+  const show = await run(['keys', 'show', '--json', other], credEnv);
+  t.equal(json(show.stdout).identityFingerprint, json(init.stdout).identityFingerprint);
+  const viaFlag = await run(['keys', 'show', '--json', other, '--key-file', join(credDir, 'phantoma-vault-key')], { ...credEnv, CREDENTIALS_DIRECTORY: undefined });
+  t.equal(viaFlag.code, 0, '--key-file names the same key');
+  const withPass = await run(['keys', 'show', other], { ...credEnv, PHANTOMA_VAULT_PASSPHRASE: 'a passphrase' });
+  t.equal(withPass.code, 9, 'a passphrase (which takes precedence) does not open a key-file vault');
+  t.match(withPass.stderr, /\[vault_passphrase_wrong\]/);
+  writeFileSync(join(credDir, 'short-key'), randomBytes(8));
+  const short = await run(['vault', 'init', `--vault.path=${join(tmp, 'short.phv')}`, '--key-file', join(credDir, 'short-key')], credEnv);
+  t.equal(short.code, 9);
+  t.match(short.stderr, /at least 32 bytes.*\[vault_credential_missing\]/);
+  t.notOk(existsSync(join(tmp, 'short.phv')));
 });

@@ -206,3 +206,54 @@ t.test('history is pruned after heartbeat.historyDays; tokens after they expire'
   const nodes = await rig.cp.service.listNodes();
   t.equal(nodes.find((n) => n.name === 'golf')!.leaseState, 'expired', 'a node silent past expiry plus grace shows as expired');
 });
+
+t.test('every cp_ error code is unique and documented in control-plane/README.md', async (t) => {
+  const { CP_ERRORS } = await import('../../control-plane/src/errors.ts');
+  const { readFileSync } = await import('node:fs');
+  const doc = readFileSync(new URL('../../control-plane/README.md', import.meta.url), 'utf8');
+  const codes = Object.values(CP_ERRORS).map((e) => e.code);
+  t.equal(new Set(codes).size, codes.length, 'no code is used twice');
+  for (const e of Object.values(CP_ERRORS)) t.match(doc, new RegExp(`^\\| \`${e.code}\` \\| ${e.status} \\| ${e.exit} \\|`, 'm'), `${e.code} has a row`);
+  const documented = [...doc.matchAll(/^\| `(cp_[a-z0-9_]+)` \|/gm)].map((m) => m[1]);
+  t.same(documented.filter((c) => !codes.includes(c!)), [], 'the doc lists no code that does not exist');
+});
+
+t.test('phantoma-cp key init|show, and configuration errors that name the key', async (t) => {
+  const { mkdtempSync, rmSync, statSync, readFileSync } = await import('node:fs');
+  const { tmpdir } = await import('node:os');
+  const { join } = await import('node:path');
+  const dir = mkdtempSync(join(tmpdir(), 'phantoma-cp-key-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const config = join(dir, 'cp.json');
+  const { writeFileSync } = await import('node:fs');
+  writeFileSync(config, JSON.stringify({ dataDir: dir, key: { kdfLog2N: 10, allowWeakKdf: true } }));
+  const run = async (env: Record<string, string>, ...args: string[]): Promise<{ code: number; out: string; err: string }> => {
+    const out: string[] = [];
+    const err: string[] = [];
+    const code = await runCpCli([...args, '--config', config], { out: (s) => out.push(s), err: (s) => err.push(s), env });
+    return { code, out: out.join('\n'), err: err.join('\n') };
+  };
+  const missing = await run({}, 'key', 'init');
+  t.equal(missing.code, 9);
+  t.match(missing.err, /no lease key credential.*\[cp_key_unreadable\]/);
+  const made = await run({ PHANTOMA_CP_PASSPHRASE: 'pp' }, 'key', 'init', '--json');
+  t.equal(made.code, 0, made.err);
+  const fp = (JSON.parse(made.out) as { fingerprint: string }).fingerprint;
+  t.match(fp, /^sha256:[0-9a-f]{64}$/);
+  t.equal(statSync(join(dir, 'lease-key.phv')).mode & 0o777, 0o600, 'the sealed key is 0600');
+  t.notOk(readFileSync(join(dir, 'lease-key.phv')).includes(Buffer.from('PRIVATE')), 'sealed, not PEM');
+  t.equal((await run({}, 'key', 'show')).out, fp, 'show needs no secret');
+  const again = await run({ PHANTOMA_CP_PASSPHRASE: 'pp' }, 'key', 'init');
+  t.equal(again.code, 9);
+  t.match(again.err, /\[cp_key_exists\]/);
+  const { openLeaseKey } = await import('../../control-plane/src/lease-key.ts');
+  t.throws(() => openLeaseKey(dir, { kind: 'passphrase', secret: Buffer.from('wrong') }), { code: 'cp_key_unreadable' });
+  t.equal(openLeaseKey(dir, { kind: 'passphrase', secret: Buffer.from('pp') }).fingerprint, fp);
+
+  writeFileSync(config, JSON.stringify({ dataDir: dir, heartbeat: { historyDays: 0 }, extra: 1 }));
+  const bad = await run({}, 'key', 'show');
+  t.equal(bad.code, 2);
+  t.match(bad.err, /heartbeat\.historyDays/);
+  t.match(bad.err, /extra: unknown key/);
+  t.match(bad.err, /\[cp_config_invalid\]/);
+});

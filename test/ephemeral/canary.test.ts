@@ -16,6 +16,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ROOT, runPhantoma } from '../helpers.ts';
 import { verifyAuditLog } from '../../src/audit/audit-log.ts';
+import { startTestDockerd } from './docker-rig.ts';
 import {
   cgroupsOf,
   bytesWritten,
@@ -46,7 +47,7 @@ import {
  * slabs nobody zero-fills; in V8's heap, the JSON-parsed prompt strings and the job message strings; and the
  * request line of a URL carrying a canary in its query.
  */
-const GATEWAY_MEMORY_CEILINGS: Record<string, number> = { process: 120, warden: 220 };
+const GATEWAY_MEMORY_CEILINGS: Record<string, number> = { process: 120, warden: 220, docker: 400 };
 
 
 // The file scan looks at files whose mtime or ctime is at or after this; timestamps come from a coarse
@@ -88,8 +89,12 @@ process.once('exit', () => rmSync(state, { recursive: true, force: true })); // 
  * more without editing this file.
  */
 const BACKEND = process.env.PHANTOMA_CANARY_BACKEND ?? (process.getuid?.() === 0 ? 'warden' : 'process');
+// The docker backend (issue 6; test/ephemeral/docker-canary.test.ts) gets a private dockerd whose data-root
+// (in the temp dir, on disk) the file scan walks like any other directory.
+const dockerd = BACKEND === 'docker' ? await startTestDockerd() : undefined;
 const EXTRA_SETTINGS: string[] = [
-  ...(BACKEND === 'warden'
+  ...(dockerd ? ['--workers.backend=docker', `--docker.socket=${dockerd.socketPath}`, `--docker.cgroupParent=/${MODEL}/workers`] : []),
+  ...(dockerd ? [] : BACKEND === 'warden'
     ? ['--workers.backend=warden', '--warden.start=true', `--warden.socket=${join(state, 'warden.sock')}`, `--warden.cgroupName=${MODEL}`]
     : ['--workers.backend=process']),
   ...(process.env.PHANTOMA_CANARY_SETTINGS ? (JSON.parse(process.env.PHANTOMA_CANARY_SETTINGS) as string[]) : []),
@@ -185,6 +190,7 @@ t.teardown(async () => {
     await Promise.race([exited, sleep(5_000)]);
   }
   cleanUp();
+  await dockerd?.stop();
 });
 
 function sleep(ms: number): Promise<void> {
@@ -591,7 +597,7 @@ t.test('SIGTERM: the node exits 0 and leaves no worker process or worker cgroup'
   // Positive control for the cgroup check: a live worker's own cgroups (warden backend) are seen to exist.
   const liveOwn = live.flatMap((p) => cgroupsOf(p)).filter((c) => !gatewayCgroups.has(c) && !/^\d+:[^:]*:\/$/.test(c));
   t.ok(liveOwn.every((c) => cgroupDirExists(c)), `positive control: the cgroup check sees the live workers' own cgroups (${liveOwn.length}; none with the ${BACKEND} backend is expected only for "process")`);
-  if (BACKEND === 'warden') t.ok(liveOwn.length > 0, 'warden workers have cgroups of their own');
+  if (BACKEND === 'warden' || BACKEND === 'docker') t.ok(liveOwn.length > 0, `${BACKEND} workers have cgroups of their own`);
   server.kill('SIGTERM');
   const exit = await Promise.race([exited, sleep(30_000).then(() => ({ code: null, signal: 'timeout' as const }))]);
   t.same(exit, { code: 0, signal: null }, 'the node exited 0');
@@ -659,11 +665,15 @@ t.test('files changed since the start on every disk filesystem: the planted file
   // Positive control, placed across a 1 MiB read boundary so the streamed search must join two chunks.
   const plantedPath = join(state, 'planted.bin');
   writeFileSync(plantedPath, Buffer.concat([Buffer.alloc((1 << 20) - 9, 'x'), Buffer.from(planted.file), Buffer.from('\n')]));
+  // Docker backend: the test dockerd's data-root is walked too — a file planted deep in it (beside the
+  // image layers) must be found as well.
+  const plantedPaths = [plantedPath, ...(dockerd ? [join(dockerd.dataRoot, 'overlay2', 'planted.bin')] : [])];
+  for (const p of plantedPaths.slice(1)) writeFileSync(p, planted.file);
   const mounts = diskMounts(parseMountinfo(readFileSync('/proc/self/mountinfo', 'utf8')));
   t.ok(mounts.length >= 1, `walking ${mounts.map((m) => `${m.mountPoint} (${m.fstype})`).join(', ')}`);
   const scan = scanFilesSince({ sinceMs: SINCE_MS, matcher: allMatcher(), mounts });
-  rmSync(plantedPath, { force: true });
-  t.same([...(scan.hits.get(planted.file) ?? [])], [plantedPath], 'positive control: the file scan finds the planted file, and only there');
+  for (const p of plantedPaths) rmSync(p, { force: true });
+  t.same([...(scan.hits.get(planted.file) ?? [])].sort(), plantedPaths.sort(), `positive control: the file scan finds the planted file${dockerd ? "s (one in the test dockerd's data-root)" : ''}, and only there`);
   const leaks = [...scan.hits].filter(([c]) => !plantedSet.has(c)).flatMap(([, paths]) => [...paths]);
   t.same([...new Set(leaks)], [], 'no prompt canary in any file changed since the test started');
   t.comment(

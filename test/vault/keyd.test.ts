@@ -36,6 +36,9 @@ function v2Base(): string {
   return join(mount, own === '/' ? '' : own, CG_NAME);
 }
 const base = v2Base();
+// The same subtree as /proc/<pid>/cgroup names it (relative to the v2 root), for the Docker-style parent.
+const ownRel = readFileSync('/proc/self/cgroup', 'utf8').split('\n').find((l) => l.startsWith('0::'))!.slice(3).replace(/^\/$/, '');
+const DOCKER_PARENT = `${ownRel}/${CG_NAME}/docker`;
 const made: string[] = [];
 function workerCgroup(id = randomBytes(8).toString('hex')): { path: string; id: string } {
   const path = join(base, 'workers', id);
@@ -56,6 +59,7 @@ const keyd = await startKeydProcess({
   gatewayUid: 0,
   cgroupName: CG_NAME,
   workerUids: { from: 61000, to: 61999 },
+  dockerCgroupParent: DOCKER_PARENT,
   logLevel: 'warn',
   env: { ...process.env, PHANTOMA_VAULT_PASSPHRASE: passphrase },
   logger: createLogger({ level: 'silent' }),
@@ -64,7 +68,7 @@ const keyd = await startKeydProcess({
 t.teardown(async () => {
   await keyd.stop();
   for (const p of made.reverse()) rmdirSync(p);
-  for (const p of [join(base, 'workers'), base]) {
+  for (const p of [join(base, 'workers'), join(base, 'docker'), base]) {
     try {
       rmdirSync(p);
     } catch {
@@ -138,6 +142,17 @@ t.test('a worker decapsulates once; a second try is refused, also over a new con
     'each decapsulation is audited with its worker id',
   );
   t.equal(audits.filter((e) => e.type === 'keyd_refusal' && e.reason === 'second_decapsulation' && e.workerId === w.id).length, 2, 'both refusals audited');
+});
+
+t.test('a Docker-backend worker (<cgroupParent>/<64 hex container id>) also decapsulates exactly once', async (t) => {
+  const id = randomBytes(32).toString('hex');
+  const c = workerCgroup(`../docker/${id}`);
+  const a = sealedFields();
+  const [first, second] = await runCaller({ uid: 61006, cgroup: c.path, requests: [a.request, sealedFields().request] });
+  t.equal(first?.requestKey, a.expected);
+  t.equal(second?.code, 'keyd_refused');
+  const short = workerCgroup(`../docker/${id.slice(0, 63)}`);
+  t.equal((await runCaller({ uid: 61007, cgroup: short.path, requests: [sealedFields().request] }))[0]?.code, 'keyd_refused', 'not a container id: refused');
 });
 
 t.test('processes the warden did not start as workers are refused', async (t) => {

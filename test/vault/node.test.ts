@@ -2,7 +2,7 @@
 // plaintext key in the state directory), serves the signed key document over HTTPS, and a restart keeps
 // the same identity and TLS pin. keyd stops with the node.
 import t from 'tap';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { request } from 'node:https';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -53,6 +53,7 @@ function get(url: string, ca: string): Promise<{ status: number; body: Buffer }>
 
 t.test('TLS from the vault, key document over HTTPS, same identity after a restart', async (t) => {
   const env = { ...process.env, PHANTOMA_VAULT_PASSPHRASE: 'node pass' };
+  // Two starts: the second (a restart) must serve the same TLS pin and identity, from the vault.
   for (const round of [1, 2]) {
     const node = await startNode(config, { logger: createLogger({ level: 'silent' }), vaultEnv: env });
     try {
@@ -72,4 +73,32 @@ t.test('TLS from the vault, key document over HTTPS, same identity after a resta
   }
   const wrong = await startNode(config, { logger: createLogger({ level: 'silent' }), vaultEnv: { ...process.env, PHANTOMA_VAULT_PASSPHRASE: 'wrong' } }).catch((e: { code?: string }) => e.code);
   t.equal(wrong, 'vault_passphrase_wrong', 'a wrong passphrase stops the node from starting, with its code');
+});
+
+t.test('with the warden backend, keyd starts first and the warden binds its socket into workers', async (t) => {
+  const wardenCfg = validateConfig({
+    ...JSON.parse(JSON.stringify(config)),
+    workers: { backend: 'warden' },
+    warden: { start: true, socket: join(tmp, 'warden', 'warden.sock'), cgroupName: `phantoma-vault-node-${process.pid}` },
+    inference: { threads: 1, persistentThreadpool: false },
+  });
+  if (!wardenCfg.ok) throw new Error(JSON.stringify(wardenCfg.issues));
+  const node = await startNode(wardenCfg.config, { logger: createLogger({ level: 'silent' }), vaultEnv: { ...process.env, PHANTOMA_VAULT_PASSPHRASE: 'node pass' } });
+  try {
+    const children = readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
+      try {
+        return readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1]!.split(' ')[1] === String(process.pid);
+      } catch {
+        return false;
+      }
+    });
+    const cmdlines = children.map((p) => readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0'));
+    const warden = cmdlines.find((c) => c[0]!.endsWith('phantoma-warden'));
+    t.ok(warden, 'the warden runs');
+    t.equal(warden![warden!.indexOf('--keyd-socket') + 1], keydSocket, "the warden was given keyd's socket");
+    t.ok(cmdlines.some((c) => c.includes('keyd')), 'keyd runs beside it');
+    t.equal((await createKeydClient({ socketPath: keydSocket }).ping()).pid > 0, true);
+  } finally {
+    await node.close();
+  }
 });

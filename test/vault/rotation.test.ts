@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { makeVaultContents, rotateRequestKeys, type VaultContents } from '../../src/vault/contents.ts';
 import { createVault, readVault, updateVault } from '../../src/vault/store.ts';
-import { createKeyService, type Caller } from '../../src/vault/keyd.ts';
+import { createKeyService, pruneExpiredInVault, type Caller } from '../../src/vault/keyd.ts';
 import { combineKem, encapsulate } from '../../src/sealed/kem.ts';
 
 const tmp = mkdtempSync(join(tmpdir(), 'phantoma-rotation-'));
@@ -60,7 +60,14 @@ t.test('a request sealed to the old key opens during the overlap and is refused 
   const doc2 = service.handle({ pid: 1, uid: 0, cgroup: '/' }, { op: 'key-document', egressPolicyHash: 'e'.repeat(64) }) as { document: { requestKeys: Array<{ id: string }> } };
   t.same(doc2.document.requestKeys.map((k) => k.id), [newId], 'after the overlap the key document lists only the new key');
 
-  // The next rotation (any time after the overlap) removes the old key from the vault itself.
+  // keyd's minute prune removes it from the vault file once the overlap is over, without a new rotation.
+  const { keys } = readVault(path, pass);
+  t.same(pruneExpiredInVault(path, keys, new Date(rotatedAt.getTime() + 30 * 60_000)), [], 'nothing to prune during the overlap');
+  t.same(pruneExpiredInVault(path, keys, now), [oldId], 'pruned after the overlap');
+  t.same(readVault(path, pass).contents.requestKeys.map((k) => k.id), [newId], 'the vault file holds only the new key');
+  t.same(pruneExpiredInVault(path, keys, new Date(now.getTime() + 1000 * 24 * HOUR)), [], 'the last key is never pruned');
+
+  // A rotation after the overlap also drops expired keys (here none are left), and adds a key.
   const later = new Date(rotatedAt.getTime() + 2 * HOUR);
   updateVault(path, pass, (c) => rotateRequestKeys(c, later, { overlapMs: HOUR, validityMs: 90 * 24 * HOUR }));
   const ids = readVault(path, pass).contents.requestKeys.map((k) => k.id);

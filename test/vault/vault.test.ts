@@ -3,9 +3,9 @@
 // unchanged; absurd KDF parameters are refused before deriving; a SIGKILL at every write step leaves the
 // old or the new vault; a key-file credential works.
 import t from 'tap';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ROOT } from '../helpers.ts';
@@ -164,4 +164,25 @@ t.test('SIGKILL after every write step leaves the old or the new vault, never ne
       old = bytes;
     }
   }
+});
+
+t.test('one writer at a time: a live writer holds the lock and keeps its temp file; a dead one loses both', async (t) => {
+  const { path } = fresh('lock.phv');
+  const sleeper = spawn('sleep', ['30'], { stdio: 'ignore' });
+  t.teardown(() => sleeper.kill('SIGKILL'));
+  const lock = join(tmp, '.lock.phv.lock');
+  const temp = join(tmp, `.lock.phv.${sleeper.pid}.${'ab'.repeat(6)}.tmp`);
+  writeFileSync(lock, String(sleeper.pid));
+  writeFileSync(temp, 'a live writer is still writing this');
+  const before = readFileSync(path);
+  t.equal(codeOf(() => updateVault(path, PASS, (c) => addClient(c, 'x', Buffer.alloc(32, 2), new Date()))), 'vault_locked');
+  t.ok(readFileSync(path).equals(before), 'the vault is unchanged');
+  readVault(path, PASS);
+  t.ok(existsSync(temp), "a live writer's temp file is left alone");
+  sleeper.kill('SIGKILL');
+  await new Promise((r) => sleeper.once('exit', r));
+  updateVault(path, PASS, (c) => addClient(c, 'x', Buffer.alloc(32, 2), new Date()));
+  t.equal(readVault(path, PASS).contents.clients.length, 1, "a dead writer's lock is taken over");
+  t.notOk(existsSync(lock), 'and released');
+  t.notOk(existsSync(temp), "a dead writer's temp file is removed");
 });
