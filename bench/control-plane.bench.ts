@@ -26,7 +26,7 @@ const { values } = parseArgs({
     nodes: { type: 'string', default: '200' },
     heartbeats: { type: 'string', default: '4000' },
     concurrency: { type: 'string', default: '16' },
-    arms: { type: 'string', default: 'floor,pglite,postgres' },
+    arms: { type: 'string', default: 'floor,pglite,postgres,postgres-unix' },
     'cpu-prof': { type: 'string' },
   },
 });
@@ -147,14 +147,14 @@ async function runFloor(): Promise<Arm> {
   }
 }
 
-async function runArm(database: 'pglite' | 'postgres'): Promise<Arm> {
+async function runArm(database: 'pglite' | 'postgres' | 'postgres-unix'): Promise<Arm> {
   const dataDir = mkdtempSync(join(tmpdir(), 'phantoma-cp-bench-'));
-  const pg = database === 'postgres' ? await startPostgres() : undefined;
+  const pg = database !== 'pglite' ? await startPostgres() : undefined;
   let cp: ChildProcess | undefined;
   try {
     createLeaseKey(dataDir, { kind: 'passphrase', secret: Buffer.from(PASS) }, { log2N: 10, r: 8, p: 1 });
     const config = join(dataDir, 'cp.json');
-    writeFileSync(config, JSON.stringify({ dataDir, database: pg ? pg.url : 'pglite', host: '127.0.0.1', port: 0, metricsPort: 0, logLevel: 'warn', key: { kdfLog2N: 10, allowWeakKdf: true } }));
+    writeFileSync(config, JSON.stringify({ dataDir, database: pg ? (database === 'postgres-unix' ? pg.socketUrl : pg.url) : 'pglite', host: '127.0.0.1', port: 0, metricsPort: 0, logLevel: 'warn', key: { kdfLog2N: 10, allowWeakKdf: true } }));
     cp = spawn(join(root, '.runtime', 'bin', 'node'), ['--disable-warning=ExperimentalWarning', ...(values['cpu-prof'] ? ['--cpu-prof', `--cpu-prof-dir=${values['cpu-prof']}`] : []), join(root, 'control-plane', 'src', 'main.ts'), 'serve', '--config', config, '--json'], {
       env: { ...process.env, PHANTOMA_CP_PASSPHRASE: PASS },
       stdio: ['ignore', 'pipe', 'inherit'],
@@ -271,12 +271,12 @@ function pgPid(port: number): number {
 }
 
 const arms: Arm[] = [];
-for (const arm of values.arms!.split(',') as Array<'floor' | 'pglite' | 'postgres'>) arms.push(arm === 'floor' ? await runFloor() : await runArm(arm));
+for (const arm of values.arms!.split(',') as Array<'floor' | 'pglite' | 'postgres' | 'postgres-unix'>) arms.push(arm === 'floor' ? await runFloor() : await runArm(arm));
 const report = { date: new Date().toISOString(), nodes: NODES, concurrency: CONCURRENCY, cores: (await import('node:os')).availableParallelism(), arms };
-console.log('database  heartbeats  hb/s  p50 ms  p99 ms  CP CPU ms/hb  DB CPU ms/hb  nodes/core @10 min  refused');
+console.log('database      heartbeats  hb/s  p50 ms  p99 ms  CP CPU ms/hb  DB CPU ms/hb  nodes/core @10 min  refused');
 for (const a of arms) {
   console.log(
-    `${a.database.padEnd(9)} ${String(a.heartbeats).padStart(10)} ${String(a.perSecond).padStart(5)} ${a.p50Ms.toFixed(2).padStart(7)} ${a.p99Ms.toFixed(2).padStart(7)} ${a.cpCpuMsPerHeartbeat.toFixed(3).padStart(13)} ${(a.dbCpuMsPerHeartbeat === null ? (a.database === 'pglite' ? '(in CP)' : '-') : a.dbCpuMsPerHeartbeat.toFixed(3)).padStart(13)} ${String(a.nodesPerCoreAt10Min).padStart(19)} ${String(a.refused).padStart(8)}`,
+    `${a.database.padEnd(13)} ${String(a.heartbeats).padStart(10)} ${String(a.perSecond).padStart(5)} ${a.p50Ms.toFixed(2).padStart(7)} ${a.p99Ms.toFixed(2).padStart(7)} ${a.cpCpuMsPerHeartbeat.toFixed(3).padStart(13)} ${(a.dbCpuMsPerHeartbeat === null ? (a.database === 'pglite' ? '(in CP)' : '-') : a.dbCpuMsPerHeartbeat.toFixed(3)).padStart(13)} ${String(a.nodesPerCoreAt10Min).padStart(19)} ${String(a.refused).padStart(8)}`,
   );
 }
 mkdirSync(join(root, 'bench', 'results'), { recursive: true });

@@ -57,6 +57,15 @@ export const ERRORS = Object.freeze({
   UNENCRYPTED_SWAP: def('unencrypted_swap', 503, 'server_error', 5),
   // egress filter (issue 9)
   EGRESS_UNVERIFIED: def('egress_unverified', 503, 'server_error', 5),
+  // maintenance windows and model pull (issue 10)
+  EGRESS_WINDOW_RESOLVE: def('egress_window_resolve_failed', 400, 'invalid_request_error', 5),
+  EGRESS_WINDOW_FAILED: def('egress_window_failed', 503, 'server_error', 5),
+  MODEL_PULL_BLOCKED: def('model_pull_blocked', 503, 'server_error', 5),
+  MODEL_PULL_FAILED: def('model_pull_failed', 502, 'server_error', 5),
+  MODEL_PULL_TRUNCATED: def('model_pull_truncated', 502, 'server_error', 5),
+  MODEL_PULL_STALLED: def('model_pull_stalled', 504, 'server_error', 5),
+  MODEL_SIZE_MISMATCH: def('model_size_mismatch', 502, 'server_error', 3),
+  MODEL_IN_USE: def('model_in_use', 409, 'invalid_request_error', 3),
   // vault and keyd
   VAULT_NOT_FOUND: def('vault_not_found', 500, 'server_error', 9),
   VAULT_EXISTS: def('vault_exists', 409, 'invalid_request_error', 9),
@@ -96,6 +105,24 @@ export const ERRORS = Object.freeze({
   NOT_ENROLLED: def('not_enrolled', 503, 'server_error', 10),
   LICENSE_EXPIRED: def('license_expired', 503, 'server_error', 10),
   LICENSE_REVOKED: def('license_revoked', 503, 'server_error', 10),
+  // signed updates (issue 12)
+  RELEASE_KEY_INVALID: def('release_key_invalid', 400, 'invalid_request_error', 11),
+  RELEASE_THRESHOLD_NOT_MET: def('release_threshold_not_met', 409, 'invalid_request_error', 11),
+  RELEASE_BUILD_FAILED: def('release_build_failed', 500, 'server_error', 11),
+  UPDATE_SIGNATURES_INSUFFICIENT: def('update_signatures_insufficient', 502, 'server_error', 11),
+  UPDATE_METADATA_ROLLBACK: def('update_metadata_rollback', 502, 'server_error', 11),
+  UPDATE_METADATA_EXPIRED: def('update_metadata_expired', 502, 'server_error', 11),
+  UPDATE_METADATA_INVALID: def('update_metadata_invalid', 502, 'server_error', 11),
+  UPDATE_TARGET_MISMATCH: def('update_target_mismatch', 502, 'server_error', 11),
+  UPDATE_TARGET_TOO_LARGE: def('update_target_too_large', 502, 'server_error', 11),
+  UPDATE_TARGET_NOT_FOUND: def('update_target_not_found', 404, 'not_found_error', 11),
+  UPDATE_BUNDLES_INSUFFICIENT: def('update_bundles_insufficient', 502, 'server_error', 11),
+  UPDATE_VERSION_ROLLBACK: def('update_version_rollback', 409, 'invalid_request_error', 11),
+  UPDATE_MANIFEST_MISMATCH: def('update_manifest_mismatch', 502, 'server_error', 11),
+  UPDATE_REPOSITORY_UNREACHABLE: def('update_repository_unreachable', 502, 'server_error', 11),
+  UPDATE_INSTALL_FAILED: def('update_install_failed', 500, 'server_error', 11),
+  UPDATE_TRIAL_FAILED: def('update_trial_failed', 500, 'server_error', 11),
+  UPDATE_NO_PREVIOUS_SLOT: def('update_no_previous_slot', 409, 'invalid_request_error', 11),
   // generic
   INTERNAL: def('internal_error', 500, 'server_error', 1),
 });

@@ -44,6 +44,7 @@
 #include <unistd.h>
 
 #include "egress.h" /* issue 9: the egress BPF programs (egress.c) */
+#include "download.h" /* issue 10: DOWNLOAD, the model-pull helper in download/ */
 
 #ifndef SYS_mount_setattr
 #define SYS_mount_setattr 442 /* x86_64; glibc 2.36 has the number but no wrapper */
@@ -279,6 +280,7 @@ static void reap_children(void) {
         kill_cgroup(workers[i].id);
       }
     }
+    download_reaped(pid);
   }
 }
 
@@ -867,6 +869,8 @@ static void handle_conn(int cfd) {
     do_end(cfd, cred.uid, f, n);
   } else if (!strcmp(f[0], "STDERR")) {
     do_stderr(cfd, cred.uid, f, n, &keep);
+  } else if (!strcmp(f[0], "DOWNLOAD")) {
+    download_request(cfd, cred.uid, f, n, &keep);
   } else if (egress_request(cfd, cred.uid, f, n, &keep)) { /* EGRESS_STATUS, EGRESS_PROBE, ALLOW, DENY, EVENTS */
   } else {
     refuse(cfd, cred.uid, "bad_request", "unknown request");
@@ -897,6 +901,7 @@ static int shutdown_all(void) {
   }
   for (int i = 0; i < MAX_PENDING; i++) drop_pending(&pendings[i]);
   unlink(cfg.socket_path);
+  download_shutdown();
   egress_before_rmdir();
   for (int h = 0; h < H_COUNT; h++) {
     if (!hier[h].used) continue;
@@ -929,7 +934,7 @@ static void usage(const char *why) {
   fprintf(stderr,
           "phantoma-warden: %s\nusage: phantoma-warden --socket PATH --client-uid UID --cgroup-name NAME --worker-exec ABSPATH "
           "--worker-script ABSPATH --uid-range FROM-TO [--memory-max BYTES] [--pids-max N] [--tmpfs-size BYTES] [--worker-arg ARG]... "
-          "[--worker-preload ABSPATH] [--expose ABSDIR]... [--keyd-socket ABSPATH] [--egress enforce|off] [--exit-with-parent]\n",
+          "[--worker-preload ABSPATH] [--expose ABSDIR]... [--keyd-socket ABSPATH] [--egress enforce|off] [--download-script ABSPATH --download-uid UID] [--exit-with-parent]\n",
           why);
   exit(2);
 }
@@ -956,7 +961,9 @@ int main(int argc, char **argv) {
     else if (!strcmp(k, "--worker-exec")) cfg.worker_exec = val;
     else if (!strcmp(k, "--worker-script")) cfg.worker_script = val;
     else if (!strcmp(k, "--worker-arg") && cfg.n_pre_args < MAX_PRE_ARGS && val[0] == '-' && strlen(val) < 256) cfg.pre_args[cfg.n_pre_args++] = val;
-    else if (!strcmp(k, "--keyd-socket") && val[0] == '/' && strlen(val) < PATH_MAX) cfg.keyd_socket = val;
+    else if (!strcmp(k, "--download-script") && download_set_script(val)) {
+    } else if (!strcmp(k, "--download-uid") && download_set_uid(val)) {
+    } else if (!strcmp(k, "--keyd-socket") && val[0] == '/' && strlen(val) < PATH_MAX) cfg.keyd_socket = val;
     else if (!strcmp(k, "--expose") && cfg.n_expose < MAX_EXPOSE && val[0] == '/' && strlen(val) < PATH_MAX - 1 && !strstr(val, "/../") && strcmp(val, "/"))
       cfg.expose[cfg.n_expose++] = val;
     else if (!strcmp(k, "--worker-preload") && val[0] == '/' && strlen(val) < PATH_MAX && !strchr(val, ':') && !strchr(val, ' ')) {
@@ -981,6 +988,8 @@ int main(int argc, char **argv) {
   if (cfg.client_uid >= cfg.uid_lo && cfg.client_uid <= cfg.uid_hi) usage("the client uid is inside the worker uid range");
   if (cfg.worker_exec[0] != '/' || cfg.worker_script[0] != '/' || cfg.socket_path[0] != '/') usage("paths must be absolute");
   if (!valid_cg_name(cfg.cg_name)) usage("bad --cgroup-name (segments of [A-Za-z0-9._-])");
+  const char *dl_bad = download_check(cfg.client_uid, cfg.uid_lo, cfg.uid_hi);
+  if (dl_bad) usage(dl_bad);
   if (strlen(cfg.socket_path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) usage("socket path too long");
   snprintf(cfg.socket_dir, sizeof cfg.socket_dir, "%s", cfg.socket_path);
   *strrchr(cfg.socket_dir, '/') = 0;
@@ -1015,6 +1024,9 @@ int main(int argc, char **argv) {
     snprintf(parent, sizeof parent, "%s", hier[H_V2].workers);
     *strrchr(parent, '/') = 0;
     if ((r = egress_init(parent, hier[H_V2].workers, cfg.client_uid))) return logf_("egress filter set-up failed: %s", strerror(-r)), 1;
+    char dl[PATH_MAX + 16];
+    snprintf(dl, sizeof dl, "%s/download", parent);
+    if ((r = download_init(dl, cfg.worker_exec, cfg.pre_args, cfg.n_pre_args))) return logf_("download set-up failed: %s", strerror(-r)), 1;
   } else {
     logf_("egress filter OFF (--egress off): workers rely on their empty network namespace alone");
   }
@@ -1052,5 +1064,6 @@ int main(int argc, char **argv) {
       if (cfd >= 0) handle_conn(cfd);
     }
     expire_pending();
+    download_tick();
   }
 }

@@ -55,6 +55,13 @@ export const AUDIT_EVENTS = {
     probe: bool,
   },
   egress_state: { verified: bool, policyHash: { kind: 'id', max: 64 }, code: { kind: 'id', max: 64, optional: true } },
+  // maintenance windows (issue 10): who opened one, what it allows (proto:addr/bits:port joined by "-"), until
+  // when (epoch ms); each closing with its reason (manual, expired, expired_at_start, stray_entries)
+  egress_window_opened: { windowId: { kind: 'id', max: 32 }, by: { kind: 'id', max: 64 }, untilMs: int, allow: { kind: 'route', max: 1024 } },
+  egress_window_closed: { windowId: { kind: 'id', max: 32 }, reason: { kind: 'id', max: 32 }, entries: int },
+  // pulled models (issue 10): the gateway started or stopped serving a model of its model directory
+  model_added: { model: id, sha256: { kind: 'id', max: 64 }, bytes: int },
+  model_removed: { model: id },
   // a ptrace / process_vm_readv / process_vm_writev call aimed at a worker or the gateway (detected, not prevented)
   ptrace_detected: { kind: { kind: 'id', max: 32 }, request: int, pid: int, callerCgroupId: int, target: int, targetIs: { kind: 'id', max: 16 } },
   // keyd (issue 7): a refused caller (not a worker, a second decapsulation, not the gateway, an unknown or

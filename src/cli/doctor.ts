@@ -5,6 +5,7 @@ import type { Command } from './main.ts';
 import { ERRORS, UsageError } from '../errors.ts';
 import { overallStatus, type CheckResult } from '../doctor/checks.ts';
 import { probeHost } from '../doctor/probe.ts';
+import { dockerChecks } from '../doctor/docker.ts';
 
 /** Exit status of `phantoma doctor` when at least one check fails. */
 export const DOCTOR_FAILED_EXIT = ERRORS.DOCTOR_CHECK_FAILED.exit;
@@ -27,6 +28,7 @@ export const doctorCommand: Command = {
   async run(ctx, { values, positionals }) {
     if (positionals.length > 0) throw new UsageError(ERRORS.CLI_USAGE, `usage: ${this.usage}`);
     const results = probeHost();
+    if (ctx.config().workers.backend === 'docker') results.push(...(await dockerChecks(ctx.config())));
     ctx.out(ctx.json ? JSON.stringify(results) : formatDoctorTable(results, values.verbose === true));
     return results.some((r) => r.status === 'fail') ? DOCTOR_FAILED_EXIT : 0;
   },

@@ -18,6 +18,7 @@ import { proxyCommand } from './proxy.ts';
 import { clientKeyCommand } from './client-key.ts';
 import { auditCommand } from './audit.ts';
 import { doctorCommand } from './doctor.ts';
+import { dockerCommand } from './docker.ts';
 import { egressCommand } from './egress.ts';
 import { vaultCommand } from './vault.ts';
 import { clientsCommand } from './clients.ts';
@@ -54,6 +55,7 @@ const COMMANDS: Record<string, Command> = {
   keyd: keydCommand,
   audit: auditCommand,
   doctor: doctorCommand,
+  docker: dockerCommand,
   egress: egressCommand,
   models: modelsCommand,
   'local-chat': localChatCommand,

@@ -11,7 +11,10 @@ export const PG_BIN = '/usr/lib/postgresql/15/bin';
 const NOBODY = 65534;
 
 export interface PgServer {
+  /** TCP on 127.0.0.1. */
   url: string;
+  /** The same server over its unix socket (what a control plane on the database's host would use). */
+  socketUrl: string;
   port: number;
   stop(): Promise<void>;
 }
@@ -69,5 +72,5 @@ export async function startPostgres(): Promise<PgServer> {
       await new Promise((r) => setTimeout(r, 100));
     }
   }
-  return { url, port, stop };
+  return { url, socketUrl: `postgresql:///postgres?host=${encodeURIComponent(dir)}&port=${port}&user=phantoma`, port, stop };
 }

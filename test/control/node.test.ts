@@ -233,3 +233,18 @@ t.test('expiry past grace stops new inference with license_expired; renewal resu
   t.equal(again.status, 200, 'ready again');
   t.equal((await ask()).status, 200, 'renewal resumes inference');
 });
+
+t.test("keyd's heartbeat signatures are what the control plane verifies", async (t) => {
+  const { signPayload } = await import('../../src/vault/signing.ts');
+  const { canonicalBytes, verifySignature, rawPublicKeyOf } = await import('../../src/control/protocol.ts');
+  const { keydSigner } = await import('../../src/control/node.ts');
+  const { createPublicKey } = await import('node:crypto');
+  const identity = generateKeyPairSync('ed25519').privateKey;
+  // keyd's sign op for the gateway: signPayload(identity, 'heartbeat', payload) (src/vault/keyd.ts).
+  const keyd = { sign: async (purpose: 'heartbeat', payload: Uint8Array) => signPayload(identity, purpose, payload) };
+  const signer = keydSigner(keyd);
+  const hb = { v: 1, node: 'n', counter: 1, counters: SNAPSHOT.counters };
+  const sig = (await signer.sign(canonicalBytes(hb))).toString('base64url');
+  t.ok(verifySignature(rawPublicKeyOf(createPublicKey(identity)), DOMAIN.heartbeat, hb, sig));
+  t.notOk(verifySignature(rawPublicKeyOf(createPublicKey(identity)), DOMAIN.lease, hb, sig), 'never valid as a lease');
+});

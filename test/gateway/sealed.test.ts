@@ -32,7 +32,7 @@ createVault(vaultPath, { kind: 'passphrase', secret: Buffer.from('sealed test') 
 const identityPin = identityFingerprint(Buffer.from(contents.identity.publicKey, 'base64'));
 process.env.PHANTOMA_VAULT_PASSPHRASE = 'sealed test';
 
-const n: TestNode = await startTestNode({ vault: { path: vaultPath, keydSocket: join(tmp, 'keyd', 'keyd.sock') }, gateway: { requestTimeoutMs: 20_000 } });
+const n: TestNode = await startTestNode({ vault: { path: vaultPath, keydSocket: join(tmp, 'keyd', 'keyd.sock') }, gateway: { requestTimeoutMs: 20_000 }, inference: { contextSize: 4096 } });
 t.teardown(() => n.close());
 const pool = n.node.models[0]!.pool;
 const client = createSealedClient({ url: n.url, identityPin, clientName: 'alice', clientKey: alice.privateKey });
@@ -198,4 +198,37 @@ t.test('the official openai client through phantoma proxy: streamed, non-streame
   const err = await openai.chat.completions.create({ model: 'tiny', messages: chat.messages as any, n: 2 }).catch((e: unknown) => e);
   t.ok(err instanceof OpenAI.BadRequestError, 'a refused parameter comes back as a 400');
   t.equal((err as InstanceType<typeof OpenAI.BadRequestError>).code, 'unsupported_parameter', 'with the code the worker sealed');
+});
+
+// Last: it kills this node's warden. A worker whose end cannot be verified gets a receipt that says so.
+t.test('a failed wipe (the warden killed mid-request) yields a receipt that says the wipe was not verified', async (t) => {
+  await n.waitReady(60_000);
+  const sock = join(n.stateDir, 'warden.sock');
+  const wardenPid = Number(
+    readdirSync('/proc').find((p) => {
+      if (!/^\d+$/.test(p)) return false;
+      try {
+        const argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
+        return argv[0]!.endsWith('phantoma-warden') && argv.includes(sock);
+      } catch {
+        return false;
+      }
+    }),
+  );
+  t.ok(wardenPid > 0, 'found the warden');
+  let killed = false;
+  const outcome = await client
+    .send('tiny', { messages: chat.messages, max_tokens: 3000, temperature: 0 }, {
+      stream: true,
+      onText: () => {
+        if (!killed) {
+          killed = true;
+          process.kill(wardenPid, 'SIGKILL');
+        }
+      },
+    })
+    .then((a) => a.receipt, (e: { receipt?: { wipeVerified: boolean } }) => e.receipt);
+  t.ok(killed, 'the warden was killed while the worker generated');
+  t.ok(outcome, 'a verified receipt arrived all the same (keyd signs it, not the warden)');
+  t.equal(outcome!.wipeVerified, false, 'and it says the wipe was not verified');
 });
