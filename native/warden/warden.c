@@ -471,8 +471,13 @@ static int hide(const char *path) {
 }
 
 static int seal_hidden(const char *path) {
-  struct stat st;
+  struct stat st, up;
   if (lstat(path, &st) || !S_ISDIR(st.st_mode)) return 0;
+  /* Only a mask that hide() mounted is remounted: a directory made later inside another mask (the keyd
+   * socket's /run/phantoma when the warden's own socket dir is /run/phantoma too) is sealed with it. */
+  char parent[PATH_MAX];
+  snprintf(parent, sizeof parent, "%s/..", path);
+  if (stat(parent, &up) == 0 && up.st_dev == st.st_dev) return 0;
   return mount(NULL, path, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755");
 }
 

@@ -71,7 +71,7 @@ export const chatCommand: Command = {
     const model = typeof values.model === 'string' ? values.model : ctx.config().defaultModel;
     const history: Message[] = typeof values.system === 'string' ? [{ role: 'system', content: values.system }] : [];
     const write = (s: string): void => void process.stdout.write(s);
-    const printReceipt = values.receipt === true ? (r: unknown): void => ctx.err(`verified receipt: ${JSON.stringify(r)}`) : undefined;
+    const printReceipt = values.receipt === true ? (r: unknown): void => ctx.err(`\nverified receipt: ${JSON.stringify(r)}`) : undefined;
     const client = sealed
       ? createSealedClient({ url: values.node as string, identityPin: values.pin as string, clientName: values['client-name'] as string, clientKey: loadClientKey(values['client-key'] as string) })
       : undefined;

@@ -6,12 +6,16 @@ import type { Command } from './main.ts';
 import { ERRORS, PhantomaError, UsageError } from '../errors.ts';
 import { createEgressClient, HOOKS, SETS, type ProbeResult } from '../egress/warden-egress.ts';
 import { checkStatus, egressPolicyHash, loadExpectedTags, type ExpectedTags } from '../egress/policy.ts';
+import { closeWindow, openWindow, parseDuration, readWindow } from '../egress/window.ts';
+import { resolveFromRoot } from '../paths.ts';
+import { userInfo } from 'node:os';
 
 export const egressCommand: Command = {
   summary: 'show the kernel egress filter: programs and tags per cgroup, allowlists, counters, policy hash',
-  usage: 'phantoma egress status [--probe] [--json]',
-  options: { probe: { type: 'boolean' } },
+  usage: 'phantoma egress status [--probe] [--json] | egress window open --for 30m --allow HOST:PORT... [--json] | egress window close | egress window status',
+  options: { probe: { type: 'boolean' }, for: { type: 'string' }, allow: { type: 'string', multiple: true } },
   async run(ctx, { values, positionals }) {
+    if (positionals[0] === 'window') return windowCommand(ctx, values, positionals.slice(1), this.usage);
     if (positionals.length !== 1 || positionals[0] !== 'status') throw new UsageError(ERRORS.CLI_USAGE, `usage: ${this.usage}`);
     const config = ctx.config();
     const client = createEgressClient({ socketPath: config.warden.socket, timeoutMs: 10_000 });
@@ -62,3 +66,48 @@ export const egressCommand: Command = {
     return verified ? 0 : ERRORS.EGRESS_UNVERIFIED.exit;
   },
 };
+
+// phantoma egress window open|close|status (issue 10): fills / empties the download/ allowlist. Runs as the
+// gateway's uid (the warden answers no one else); resolves host names here and pins the addresses; the
+// gateway's window keeper records the window in the audit log and closes it at its deadline.
+async function windowCommand(ctx: Parameters<Command['run']>[0], values: Record<string, unknown>, args: string[], usage: string): Promise<number> {
+  const config = ctx.config();
+  const stateDir = resolveFromRoot(config.stateDir);
+  const egress = createEgressClient({ socketPath: config.warden.socket, timeoutMs: 10_000 });
+  const sub = args[0];
+  if (args.length !== 1) throw new UsageError(ERRORS.CLI_USAGE, `usage: ${usage}`);
+  if (sub === 'open') {
+    if (typeof values.for !== 'string') throw new UsageError(ERRORS.CLI_USAGE, 'window open needs --for DURATION (e.g. 30m)');
+    const allow = (Array.isArray(values.allow) ? values.allow : []) as string[];
+    let by = `uid:${process.getuid?.() ?? 0}`;
+    try {
+      by = userInfo().username || by;
+    } catch {
+      // no passwd entry
+    }
+    const w = await openWindow({ egress, stateDir, forMs: parseDuration(values.for), allow, by });
+    if (ctx.json) ctx.out(JSON.stringify(w));
+    else {
+      ctx.out(`maintenance window ${w.id} open until ${new Date(w.until).toISOString()} (by ${w.by})`);
+      for (const t of w.targets) ctx.out(`  ${t.spec} -> ${t.addresses.join(', ')} (pinned)`);
+    }
+    return 0;
+  }
+  if (sub === 'close') {
+    const r = await closeWindow({ egress, stateDir });
+    ctx.out(ctx.json ? JSON.stringify({ closed: r.window?.id ?? null, removed: r.removed }) : r.window ? `maintenance window ${r.window.id} closed (${r.removed} allowlist entries removed)` : `no window was open (${r.removed} stray entries removed)`);
+    return 0;
+  }
+  if (sub === 'status') {
+    const w = readWindow(stateDir);
+    const st = await egress.status();
+    const open = w !== undefined && w.until > Date.now();
+    if (ctx.json) ctx.out(JSON.stringify({ open, window: w ?? null, downloadAllow: st.downloadAllow ?? [] }));
+    else {
+      ctx.out(!w ? 'no maintenance window' : open ? `maintenance window ${w.id} open until ${new Date(w.until).toISOString()} (by ${w.by})` : `maintenance window ${w.id} EXPIRED at ${new Date(w.until).toISOString()}: the gateway closes it (or run: phantoma egress window close)`);
+      ctx.out(`allowlist download/: ${st.downloadAllow?.length ? st.downloadAllow.join(', ') : 'empty'}`);
+    }
+    return 0;
+  }
+  throw new UsageError(ERRORS.CLI_USAGE, `usage: ${usage}`);
+}

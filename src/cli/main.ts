@@ -9,6 +9,7 @@ import type { Config } from '../config/schema.ts';
 import { ERRORS, UsageError, isPhantomaError, PhantomaError } from '../errors.ts';
 import { resolveFromRoot } from '../paths.ts';
 import { modelsCommand } from './models.ts';
+import { modelCommand } from './model.ts';
 import { localChatCommand } from './local-chat.ts';
 import { serveCommand } from './serve.ts';
 import { apikeysCommand } from './apikeys.ts';
@@ -58,6 +59,7 @@ const COMMANDS: Record<string, Command> = {
   docker: dockerCommand,
   egress: egressCommand,
   models: modelsCommand,
+  model: modelCommand,
   'local-chat': localChatCommand,
   config: {
     summary: 'validate the configuration and print it with defaults filled in',

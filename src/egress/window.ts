@@ -103,7 +103,9 @@ export function parseAllowEntry(s: string): AllowEntry | undefined {
   const proto = s.slice(0, first);
   const port = Number(s.slice(last + 1));
   if ((proto !== 'tcp' && proto !== 'udp') || !Number.isInteger(port)) return undefined;
-  return { proto, cidr: s.slice(first + 1, last), port };
+  // IPv6 entries come as [addr]/bits
+  const cidr = s.slice(first + 1, last).replace(/^\[([^\]]+)\]/, '$1');
+  return { proto, cidr, port };
 }
 
 export interface OpenWindowOptions {

@@ -205,7 +205,8 @@ export function planWorkerImage(root: string): ImagePlan {
   }
   const binaries = [...byDest.values()].filter((e): e is Extract<ImageEntry, { kind: 'file' }> => e.kind === 'file' && (e.dest.endsWith('/bin/node') || /\.(node|so)(\.\d+)*$/.test(e.dest))).map((e) => e.src);
   // Libraries found next to the binaries (node-llama-cpp's, through their $ORIGIN rpath) are in already.
-  for (const lib of sharedLibraries(binaries)) if (relative(root, realpathSync(lib)).startsWith('..')) addHostPath(lib, add);
+  const inProject = (p: string): boolean => !relative(root, p).startsWith('..');
+  for (const lib of sharedLibraries(binaries)) if (!inProject(lib) && !inProject(realpathSync(lib))) addHostPath(lib, add);
 
   const entries = [...byDest.values()].sort((a, b) => (a.dest < b.dest ? -1 : a.dest > b.dest ? 1 : 0));
   let bytes = 0;
@@ -262,7 +263,7 @@ export async function writeImageTar(plan: ImagePlan, out: string): Promise<void>
       }
     }
     // The worker's mount points: its scratch tmpfs and the model directory (read-only bind).
-    for (const d of ['scratch', 'model', 'tmp', 'proc', 'sys', 'dev', 'etc']) mkdirSync(join(tree, d), { mode: 0o755 });
+    for (const d of ['scratch', 'model', 'tmp', 'proc', 'sys', 'dev', 'etc']) mkdirSync(join(tree, d), { recursive: true, mode: 0o755 });
     const tmpOut = `${out}.${process.pid}.tmp`;
     mkdirSync(dirname(out), { recursive: true });
     await new Promise<void>((res, rej) => {

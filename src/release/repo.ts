@@ -8,9 +8,10 @@
 // Roles: root (offline keys, threshold), targets (the maintainers' ECDSA P-256 keys, threshold k of n),
 // snapshot (the publisher's key), timestamp (online, on the control plane).
 import { createHash, createSign } from 'node:crypto';
-import { copyFileSync, createReadStream, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, createReadStream, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
-import { Metadata, MetadataKind, MetaFile, Role, Root, Snapshot, TargetFile, Targets, Timestamp } from '@tufjs/models';
+import { Role } from '@tufjs/models/dist/role.js';
+import { Metadata, MetadataKind, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp } from '@tufjs/models';
 import { toMessageSignatureBundle, bundleToJSON } from '@sigstore/bundle';
 import { PhantomaError, ERRORS } from '../errors.ts';
 import { tufKey, tufSigner, type PrivateKeyFile, type PublicKeyFile } from '../updates/keys.ts';
@@ -24,6 +25,8 @@ export const VERSION_RE = /^[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.]{1,20})?$/;
 
 export type Clock = () => number;
 type Json = Record<string, unknown>;
+// @tufjs/models' own JSONObject type, which a parsed file is taken to be (it validates the shape itself).
+type JSONObject = Parameters<typeof Root.fromJSON>[0];
 
 function iso(ms: number): string {
   return new Date(Math.floor(ms / 1000) * 1000).toISOString().replace('.000Z', 'Z');
@@ -52,7 +55,7 @@ export function readMeta(dir: string, kind: MetadataKind.Timestamp, file?: strin
 export function readMeta(dir: string, kind: MetadataKind, file?: string): Metadata<Root | Targets | Snapshot | Timestamp> {
   const path = join(dir, 'metadata', file ?? `${kind}.json`);
   if (!existsSync(path)) throw usage(`${path} does not exist (run phantoma-release init-repo / publish first)`);
-  return Metadata.fromJSON(kind as MetadataKind.Root, JSON.parse(readFileSync(path, 'utf8')) as Json) as Metadata<Root | Targets | Snapshot | Timestamp>;
+  return Metadata.fromJSON(kind as MetadataKind.Root, JSON.parse(readFileSync(path, 'utf8')) as JSONObject) as Metadata<Root | Targets | Snapshot | Timestamp>;
 }
 
 function sha256File(path: string): Promise<{ sha256: string; length: number }> {
@@ -120,7 +123,7 @@ function stageTargets(dir: string, targets: Targets): void {
 function stagedTargets(dir: string): Metadata<Targets> {
   const path = join(dir, 'staged', 'targets.json');
   if (!existsSync(path)) throw usage(`nothing is staged in ${dir} (run phantoma-release add-target first)`);
-  return Metadata.fromJSON(MetadataKind.Targets, JSON.parse(readFileSync(path, 'utf8')) as Json);
+  return Metadata.fromJSON(MetadataKind.Targets, JSON.parse(readFileSync(path, 'utf8')) as JSONObject);
 }
 
 /** The newest root in the repository (highest N of N.root.json). */
@@ -234,7 +237,7 @@ function metaFileOf(bytes: Buffer, version: number): MetaFile {
 export function signTimestamp(o: { dir: string; key: PrivateKeyFile; clock?: Clock; expiresInMs?: number; version?: number }): Metadata<Timestamp> {
   const now = (o.clock ?? Date.now)();
   const snapBytes = readFileSync(join(o.dir, 'metadata', 'snapshot.json'));
-  const snap = Metadata.fromJSON(MetadataKind.Snapshot, JSON.parse(snapBytes.toString('utf8')) as Json);
+  const snap = Metadata.fromJSON(MetadataKind.Snapshot, JSON.parse(snapBytes.toString('utf8')) as JSONObject);
   const prev = existsSync(join(o.dir, 'metadata', 'timestamp.json')) ? readMeta(o.dir, MetadataKind.Timestamp).signed.version : 0;
   const ts = new Timestamp({
     version: o.version ?? prev + 1,
@@ -263,13 +266,15 @@ export function publish(o: { dir: string; snapshotKey: PrivateKeyFile; timestamp
   }
   if (!root.roles.snapshot!.keyIDs.includes(o.snapshotKey.keyid)) throw new PhantomaError(ERRORS.RELEASE_KEY_INVALID, 'the snapshot key is not the root\'s snapshot key');
   if (!root.roles.timestamp!.keyIDs.includes(o.timestampKey.keyid)) throw new PhantomaError(ERRORS.RELEASE_KEY_INVALID, 'the timestamp key is not the root\'s timestamp key');
-  const targetsBytes = writeMeta(join(o.dir, 'metadata', 'targets.json'), staged);
+  writeMeta(join(o.dir, 'metadata', 'targets.json'), staged);
   const prevSnap = existsSync(join(o.dir, 'metadata', 'snapshot.json')) ? readMeta(o.dir, MetadataKind.Snapshot).signed.version : 0;
   const snapshot = new Snapshot({
     version: prevSnap + 1,
     specVersion: SPEC_VERSION,
     expires: iso(now + DEFAULT_EXPIRY_DAYS.snapshot * DAY),
-    meta: { 'targets.json': metaFileOf(targetsBytes, staged.signed.version) },
+    // Version only (the TUF default): a targets file of another version is then refused as what it is, a
+    // version mismatch (mix-and-match), by tuf-js's BadVersionError; its signatures protect its bytes.
+    meta: { 'targets.json': new MetaFile({ version: staged.signed.version }) },
   });
   writeMeta(join(o.dir, 'metadata', 'snapshot.json'), signMeta(snapshot, o.snapshotKey));
   signTimestamp({ dir: o.dir, key: o.timestampKey, clock: o.clock ?? Date.now });
@@ -341,6 +346,5 @@ export function repoStatus(dir: string): Json {
     const s = stagedTargets(dir);
     out.staged = { version: s.signed.version, signatures: countValid(root, s), files: Object.keys(s.signed.targets) };
   }
-  void statSync;
   return out;
 }

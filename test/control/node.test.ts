@@ -248,3 +248,14 @@ t.test("keyd's heartbeat signatures are what the control plane verifies", async 
   t.ok(verifySignature(rawPublicKeyOf(createPublicKey(identity)), DOMAIN.heartbeat, hb, sig));
   t.notOk(verifySignature(rawPublicKeyOf(createPublicKey(identity)), DOMAIN.lease, hb, sig), 'never valid as a lease');
 });
+
+t.test('the ledger vocabulary is closed', async (t) => {
+  const { checkLedgerEvent } = await import('../../src/control/ledger.ts');
+  const ok = (e: unknown): string | undefined => checkLedgerEvent(e, []);
+  t.equal(ok({ type: 'heartbeat_sent', url: 'https://127.0.0.1:8444', body: '{}' }), undefined);
+  t.match(ok({ type: 'heartbeat_sent', url: 'https://127.0.0.1:8444', body: '{}', prompt: 'x' }), /has no field prompt/);
+  t.match(ok({ type: 'request_served', url: 'https://x', body: '' }), /unknown ledger event type/);
+  t.match(ok({ type: 'heartbeat_sent', url: 'http://plain', body: '' }), /must be an https URL/);
+  t.match(ok({ type: 'exchange_failed', url: 'https://x', code: 'Not A Code' }), /must be an error code/);
+  t.match(ok({ type: 'heartbeat_received', url: 'https://x', status: 1000, body: '' }), /HTTP status/);
+});

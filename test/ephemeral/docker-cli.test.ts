@@ -1,6 +1,8 @@
 // `phantoma docker build-image`, `phantoma docker image` and the Docker checks of `phantoma doctor` (issue 6),
 // as real CLI processes against a private dockerd that starts with no image at all.
-import t from 'tap';
+import t, { type Test } from 'tap';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startTestDockerd, type TestDockerd } from './docker-rig.ts';
 import { runPhantoma } from '../helpers.ts';
@@ -31,6 +33,24 @@ t.test('before the image is built: docker image says missing, doctor fails the i
   t.equal(checks.get('docker-daemon')?.status, 'pass', 'dockerd reachable');
   t.equal(checks.get('docker-image')?.status, 'fail', 'image missing: fail');
   t.equal(checks.get('docker-cgroups')?.status, 'pass', 'cgroupfs driver');
+});
+
+/** `phantoma serve` with the docker backend: must refuse to start, with this error code. */
+async function serveRefuses(t: Test, extra: string[], code: string, exit: number): Promise<void> {
+  const state = mkdtempSync(join(tmpdir(), 'phantoma-dcli-'));
+  try {
+    const r = await runPhantoma(['serve', '--json', `--stateDir=${state}`, '--gateway.host=127.0.0.1', '--gateway.port=0', '--gateway.metricsPort=0', '--gateway.tls=off', ...extra], { timeoutMs: 60_000 });
+    t.equal(r.code, exit, `serve exits ${exit}`);
+    const line = (r.stdout + '\n' + r.stderr).split('\n').find((l) => l.startsWith('{"error"'));
+    t.equal(line && (JSON.parse(line) as { error: { code: string } }).error.code, code, `serve refuses with ${code}`);
+  } finally {
+    rmSync(state, { recursive: true, force: true });
+  }
+}
+
+t.test('serve refuses to start without the image, and without dockerd', async (t) => {
+  await serveRefuses(t, flags(), 'docker_image_missing', ERRORS.DOCKER_IMAGE_MISSING.exit);
+  await serveRefuses(t, ['--workers.backend=docker', `--docker.socket=${join(dockerd.dir, 'nothing.sock')}`], 'docker_unreachable', ERRORS.DOCKER_UNREACHABLE.exit);
 });
 
 t.test('build-image imports it; then docker image and doctor find it; a second build is a no-op', async (t) => {

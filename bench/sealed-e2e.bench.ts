@@ -1,0 +1,95 @@
+// Benchmark: the sealed path against the plain path end to end on one real node (warden-isolated workers,
+// keyd from a vault, tiny model, 1 thread), alternating A/B: a 4 KiB prompt, streamed, 8 tokens, greedy.
+// Time is measured from sending the request to the last content chunk (not the receipt), and the pool is
+// let refill between requests so neither arm waits for a worker start. Root (the warden).
+//   . scripts/env.sh && node bench/sealed-e2e.bench.ts [--iterations 30]
+import { parseArgs } from 'node:util';
+import { generateKeyPairSync } from 'node:crypto';
+import { mkdtempSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { validateConfig } from '../src/config/load.ts';
+import { startNode } from '../src/main.ts';
+import { createLogger } from '../src/logger.ts';
+import { makeVaultContents, addClient, identityFingerprint, rawEd25519Public } from '../src/vault/contents.ts';
+import { createVault } from '../src/vault/store.ts';
+import { createSealedClient } from '../src/client/sealed.ts';
+import { projectRoot } from '../src/paths.ts';
+
+const { values } = parseArgs({ options: { iterations: { type: 'string', default: '30' } } });
+const N = Number(values.iterations);
+const root = projectRoot();
+const dir = mkdtempSync(join(tmpdir(), 'phantoma-sealed-bench-'));
+const alice = generateKeyPairSync('ed25519');
+const now = new Date();
+const contents = addClient(makeVaultContents({ now, requestKeyValidityMs: 86_400_000 }), 'alice', rawEd25519Public(alice.publicKey), now);
+createVault(join(dir, 'vault.phv'), { kind: 'passphrase', secret: Buffer.from('bench') }, { log2N: 10, r: 8, p: 1 }, contents);
+const r = validateConfig({
+  stateDir: join(dir, 'state'),
+  cacheDir: join(root, '.cache'),
+  logLevel: 'warn',
+  gateway: { host: '127.0.0.1', port: 0, metricsPort: 0, tls: 'off', auth: 'api-keys', rateLimitPerMinute: 100000, maxConcurrentPerKey: 8 },
+  pool: { size: 2, maxActive: 1 },
+  inference: { threads: 1, contextSize: 4096 },
+  warden: { start: true, socket: join(dir, 'warden.sock'), cgroupName: `phantoma-sealed-bench-${process.pid}` },
+  vault: { path: join(dir, 'vault.phv'), keydSocket: join(dir, 'keyd', 'keyd.sock') },
+});
+if (!r.ok) throw new Error(JSON.stringify(r.issues));
+const node = await startNode(r.config, { logger: createLogger({ level: 'warn' }), vaultEnv: { ...process.env, PHANTOMA_VAULT_PASSPHRASE: 'bench' } });
+const apiKey = node.apiKeys!.create('bench').key;
+const pool = node.models[0]!.pool;
+const full = async (): Promise<void> => {
+  const deadline = Date.now() + 60_000;
+  while (pool.stats().ready < 2 || pool.stats().busy > 0) {
+    if (Date.now() > deadline) throw new Error('pool did not refill');
+    await new Promise((res) => setTimeout(res, 10));
+  }
+};
+const prompt = 'lorem ipsum dolor sit amet '.repeat(152).slice(0, 4096);
+const body = { messages: [{ role: 'user', content: prompt }], max_tokens: 8, temperature: 0 };
+const client = createSealedClient({ url: node.url, identityPin: identityFingerprint(Buffer.from(contents.identity.publicKey, 'base64')), clientName: 'alice', clientKey: alice.privateKey });
+await client.keyDocument(); // fetched once, as a real client would
+
+async function plain(): Promise<number> {
+  const t0 = performance.now();
+  const res = await fetch(node.url + '/v1/chat/completions', { method: 'POST', headers: { 'content-type': 'application/json', authorization: `Bearer ${apiKey}` }, body: JSON.stringify({ model: 'tiny', stream: true, ...body }) });
+  let last = t0;
+  const dec = new TextDecoder();
+  for await (const c of res.body!) if (dec.decode(c as Uint8Array).includes('"content"')) last = performance.now();
+  return last - t0;
+}
+async function sealed(): Promise<number> {
+  const t0 = performance.now();
+  let last = t0;
+  await client.send('tiny', body, { stream: true, onText: () => (last = performance.now()) });
+  return last - t0;
+}
+
+const samples = { plain: [] as number[], sealed: [] as number[] };
+for (let i = 0; i < N + 3; i++) {
+  await full();
+  const p = await plain();
+  await full();
+  const s = await sealed();
+  if (i >= 3) {
+    samples.plain.push(p);
+    samples.sealed.push(s);
+  }
+}
+const q = (xs: number[], f: number): number => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(f * xs.length))]!;
+const diffs = samples.sealed.map((s, i) => s - samples.plain[i]!);
+const report = {
+  date: new Date().toISOString(),
+  iterations: N,
+  promptBytes: prompt.length,
+  plainP50Ms: q(samples.plain, 0.5),
+  sealedP50Ms: q(samples.sealed, 0.5),
+  addedP50Ms: q(diffs, 0.5),
+  addedP95Ms: q(diffs, 0.95),
+};
+console.log(JSON.stringify(report, null, 2));
+console.log(`\nto the last content chunk, 4 KiB prompt, 8 tokens: plain p50 ${report.plainP50Ms.toFixed(1)} ms, sealed p50 ${report.sealedP50Ms.toFixed(1)} ms; sealed adds p50 ${report.addedP50Ms.toFixed(2)} ms, p95 ${report.addedP95Ms.toFixed(2)} ms`);
+mkdirSync(join(root, 'bench', 'results'), { recursive: true });
+writeFileSync(join(root, 'bench', 'results', 'sealed-e2e.json'), JSON.stringify(report, null, 2) + '\n');
+await node.close();
+rmSync(dir, { recursive: true, force: true });
