@@ -28,6 +28,10 @@ import type { PoolObserver } from './ephemeral/pool.ts';
 import { swapPolicy, type SwapDevice } from './doctor/checks.ts';
 import { probeSwaps } from './doctor/probe.ts';
 import { setupNodeEgress } from './egress/node.ts';
+import { startWindowKeeper } from './egress/window.ts';
+import { createEgressClient } from './egress/warden-egress.ts';
+import { modelDirOf, writeServed } from './models/store.ts';
+import { watchModelDir } from './models/watch.ts';
 import type { EgressMonitor } from './egress/monitor.ts';
 import { startNodeKeyd } from './vault/keyd-process.ts';
 import { createSealedRegistry } from './gateway/sealed-registry.ts';
@@ -76,7 +80,7 @@ async function startWardenIfConfigured(config: Readonly<Config>, log: Logger, mo
   const cmd = workerCommand();
   // The project (runtime, compiled worker, native parts, model cache) and every model's directory stay
   // visible to workers even when they lie under a path the worker's view masks (a checkout in /tmp).
-  const expose = [...new Set([projectRoot(), ...modelPaths.map((p) => dirname(p))])];
+  const expose = [...new Set([projectRoot(), ...modelPaths.map((p) => dirname(p)), modelDirOf(resolveFromRoot(config.stateDir))])];
   return startWardenProcess({
     socketPath: config.warden.socket,
     clientUid: process.getuid!(),
@@ -93,6 +97,8 @@ async function startWardenIfConfigured(config: Readonly<Config>, log: Logger, mo
     expose,
     egress: config.egress.mode,
     ...(keydSocket ? { keydSocket } : {}),
+    // issue 10: model pulls run as this fixed helper in download/ (the compiled script, like the worker's)
+    download: { script: join(dirname(cmd.script), '..', 'models', 'download-helper.js'), uid: config.warden.downloadUid },
     logger: log,
   });
 }
@@ -126,6 +132,8 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   const log = deps.logger;
   const stateDir = resolveFromRoot(config.stateDir);
   mkdirSync(stateDir, { recursive: true, mode: 0o700 });
+  const modelDir = modelDirOf(stateDir);
+  mkdirSync(modelDir, { recursive: true, mode: 0o755 });
 
   const registry = createModelRegistry({ models: config.models, cacheDir: resolveFromRoot(config.cacheDir) });
   // Resolved once: for a built-in model this verifies the whole cached file against its digest.
@@ -169,6 +177,11 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   });
   record({ type: 'node_started', version: '0.1.0', pid: process.pid });
   keydAudit.to = record;
+  // Maintenance windows (issue 10): an expired window is closed (and stray download allowlist entries
+  // removed) before anything else; then the keeper closes the open window at its deadline.
+  const windowKeeper = !deps.backend && config.workers.backend === 'warden' && config.egress.mode === 'enforce'
+    ? await startWindowKeeper({ egress: createEgressClient({ socketPath: config.warden.socket }), stateDir, audit: record, log })
+    : undefined;
   // Egress filter (issue 9): verified by the kernel's word (and a live probe) before any worker starts;
   // while it is not, no worker starts, running ones end, and /readyz says why (src/egress/gate.ts).
   const egress = await setupNodeEgress({ config, backend, wardenBackend: !deps.backend && config.workers.backend === 'warden', logger: log, audit: record, registry: metrics.registry });
@@ -194,7 +207,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   if (blocked) log.error({ code: blocked.code }, blocked.message);
   else if (policy.warning) log.warn({ code: ERRORS.UNENCRYPTED_SWAP.code }, policy.warning);
   const workerKeydSocket = !keyd ? undefined : deps.backend || config.workers.backend === 'process' ? keyd.socketPath : config.workers.backend === 'docker' && !config.docker.keydSocket ? undefined : KEYD_SOCKET_IN_WORKER;
-  for (const resolved of resolvedModels) {
+  const serveModel = (resolved: { name: string; path: string; sha256?: string }): ServedModel => {
     const name = resolved.name;
     const summary = readGgufSummary(resolved.path);
     const trained = Number(summary.metadata.get(`${String(summary.metadata.get('general.architecture'))}.context_length`) ?? config.inference.contextSize);
@@ -221,8 +234,9 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
       observer,
       ...(blocked ? { blocked } : {}),
     }));
-    models.push({ name, contextLength, pool });
-  }
+    return { name, contextLength, pool };
+  };
+  for (const resolved of resolvedModels) models.push(serveModel(resolved));
   metrics.watchPools(models.map((m) => m.pool));
 
   const g = config.gateway;
@@ -254,9 +268,41 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
     ...(keyd ? { keyDocument: createKeyDocumentSource({ keyd: keyd.client, egressPolicyHash: egress.policyHash, tlsFingerprint: tls?.fingerprint }) } : {}),
     ...(keyd ? { sealed: sealedApi(keyd.client) } : {}) });
   for (const m of models) m.pool.start();
+  // Pulled models (issue 10): served from the model directory as they appear or go, without a restart
+  // (`models` is the gateway's live list: /v1/models and routing see a new entry at once).
+  const configured = new Set(models.map((m) => m.name));
+  const pulledNames = (): string[] => models.filter((m) => !configured.has(m.name)).map((m) => m.name);
+  const modelWatch = watchModelDir({
+    dir: modelDir,
+    onAdd: (m) => {
+      if (configured.has(m.name)) return log.warn({ model: m.name }, 'a pulled model has the name of a configured one; not served');
+      const served = serveModel({ name: m.name, path: join(modelDir, m.file), sha256: m.sha256 });
+      models.push(served);
+      served.pool.start();
+      writeServed(modelDir, pulledNames());
+      record({ type: 'model_added', model: m.name, sha256: m.sha256, bytes: m.bytes });
+      log.info({ model: m.name, sha256: m.sha256 }, 'serving a pulled model');
+    },
+    onRemove: async (name) => {
+      const i = models.findIndex((x) => x.name === name && !configured.has(name));
+      if (i < 0) return;
+      const [gone] = models.splice(i, 1);
+      writeServed(modelDir, pulledNames());
+      record({ type: 'model_removed', model: name });
+      await gone!.pool.close();
+    },
+    onError: (err) => log.warn({ err: (err as Error).message }, 'model directory scan failed'),
+  });
+  try {
+    await modelWatch.scan();
+  } catch (err) {
+    log.error({ err: (err as Error).message }, 'model directory scan failed');
+  }
   control.start();
   let closing: Promise<void> | undefined;
   const closeAll = async (): Promise<void> => {
+    modelWatch.close();
+    windowKeeper?.close();
     const graceful = app.close();
     const inTime = await Promise.race([graceful.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), g.shutdownGraceMs).unref())]);
     if (!inTime) log.warn({ graceMs: g.shutdownGraceMs }, 'requests still in flight after the grace period; ending their workers');

@@ -8,12 +8,16 @@ import type { Logger } from '../../src/logger.ts';
 import type { CpConfig } from './config.ts';
 import type { ControlPlaneService, LeaseState } from './service.ts';
 import { CP_ERRORS, CpError, isCpError } from './errors.ts';
+import { registerUpdateRepository } from './updates.ts';
+import type { Db } from './db.ts';
 
 export interface ControlPlaneAppDeps {
   service: ControlPlaneService;
   config: Readonly<CpConfig>;
   logger: Logger;
   tls?: { key: string; cert: string };
+  /** Serve a TUF update repository (issue 12); its timestamp is read from this database. */
+  updates?: { repoDir: string; db: Pick<Db, 'query'> };
 }
 
 export interface ControlPlaneApps {
@@ -91,6 +95,7 @@ export async function buildControlPlaneApps(deps: ControlPlaneAppDeps): Promise<
   });
 
   app.get('/healthz', async () => ({ status: 'ok' }));
+  if (deps.updates) registerUpdateRepository(app, deps.updates);
   app.post('/v1/enrol', async (request) => {
     const lease = await service.enrol(request.body);
     enrolments.inc({ outcome: 'ok' });

@@ -43,6 +43,16 @@ export const CpConfigSchema = Type.Object(
       },
       { additionalProperties: false, default: {} },
     ),
+    updates: Type.Object(
+      {
+        repoDir: Type.Optional(Type.String({ minLength: 1, description: 'a TUF repository directory (phantoma-release init-repo) served under /v1/updates/' })),
+        timestampKeyFile: Type.Optional(Type.String({ minLength: 1, description: 'the online TUF timestamp key; with it, the instance holding the advisory lock re-signs the timestamp' })),
+        resignEverySeconds: Type.Integer({ minimum: 1, maximum: 86400, default: 300 }),
+        timestampExpirySeconds: Type.Integer({ minimum: 60, maximum: 30 * 86400, default: 86400 }),
+        renewBeforeSeconds: Type.Integer({ minimum: 0, maximum: 30 * 86400, default: 43200 }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
     key: Type.Object(
       {
         kdfLog2N: Type.Integer({ minimum: 10, maximum: 20, default: 17, description: 'scrypt cost for the sealed lease key' }),

@@ -9,6 +9,7 @@ import { openDb, migrate, type Db } from './db.ts';
 import { openLeaseKey, leaseKeyCertificate, type LeaseKey } from './lease-key.ts';
 import { createControlPlaneService, type ControlPlaneService } from './service.ts';
 import { buildControlPlaneApps } from './app.ts';
+import { createTimestampResigner } from './updates.ts';
 
 export interface RunningControlPlane {
   url: string;
@@ -51,7 +52,20 @@ export async function startControlPlane(config: Readonly<CpConfig>, deps: Contro
   }
   const service = createControlPlaneService({ db, key, config, ...(deps.clock ? { clock: deps.clock } : {}) });
   const tls = deps.insecureHttp ? undefined : await leaseKeyCertificate(key);
-  const { app, metricsApp, adminApp } = await buildControlPlaneApps({ service, config, logger: log, ...(tls ? { tls } : {}) });
+  const repoDir = config.updates.repoDir;
+  const { app, metricsApp, adminApp } = await buildControlPlaneApps({ service, config, logger: log, ...(tls ? { tls } : {}), ...(repoDir ? { updates: { repoDir, db } } : {}) });
+  const resigner =
+    repoDir && config.updates.timestampKeyFile
+      ? createTimestampResigner({
+          db,
+          repoDir,
+          key: config.updates.timestampKeyFile,
+          everyMs: config.updates.resignEverySeconds * 1000,
+          expiresInMs: config.updates.timestampExpirySeconds * 1000,
+          renewBeforeMs: config.updates.renewBeforeSeconds * 1000,
+          onError: (err) => log.warn({ err: err.message }, 'timestamp re-signing failed'),
+        })
+      : undefined;
   const adminSocket = join(config.dataDir, 'admin.sock');
   const prune = (): void => {
     service.prune().then(
@@ -64,6 +78,7 @@ export async function startControlPlane(config: Readonly<CpConfig>, deps: Contro
   let closing: Promise<void> | undefined;
   const closeAll = async (): Promise<void> => {
     clearInterval(pruneTimer);
+    resigner?.stop();
     await app.close();
     await metricsApp.close();
     await adminApp.close();
@@ -80,6 +95,7 @@ export async function startControlPlane(config: Readonly<CpConfig>, deps: Contro
     throw err;
   }
   prune();
+  resigner?.start();
   const port = (app.server.address() as { port: number }).port;
   const metricsPort = (metricsApp.server.address() as { port: number }).port;
   const url = `${tls ? 'https' : 'http'}://${hostForUrl(config.host)}:${port}`;

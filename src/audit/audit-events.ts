@@ -68,6 +68,12 @@ export const AUDIT_EVENTS = {
   // expired request key) and each worker's one decapsulation
   keyd_refusal: { op: { kind: 'id', max: 32 }, code: { kind: 'id', max: 64 }, reason: { kind: 'id', max: 32 }, uid: int, workerId: { kind: 'id', optional: true } },
   keyd_decapsulated: { workerId: id, keyId: { kind: 'id', max: 16 } },
+  // signed updates (issue 12): a release verified and switched to (trial started), refused (the code names
+  // the check), its trial's outcome, and a manual rollback
+  update_installed: { version: { kind: 'id', max: 32 }, slot: { kind: 'id', max: 1 }, signers: int },
+  update_refused: { code: { kind: 'id', max: 64 }, version: { kind: 'id', max: 32, optional: true } },
+  update_trial: { version: { kind: 'id', max: 32 }, slot: { kind: 'id', max: 1 }, passed: bool, ms: num },
+  update_rolled_back: { from: { kind: 'id', max: 32 }, to: { kind: 'id', max: 32 }, manual: bool },
 } as const satisfies Record<string, Record<string, FieldSpec>>;
 
 export type AuditEventType = keyof typeof AUDIT_EVENTS;

@@ -85,6 +85,7 @@ export const ConfigSchema = Type.Object(
         cgroupName: Type.String({ pattern: '^[A-Za-z0-9._-]{1,64}$', default: 'phantoma', description: "the warden's cgroup subtree name" }),
         uidFrom: Type.Integer({ minimum: 1000, maximum: 2 ** 31, default: 61000, description: 'first worker uid' }),
         uidTo: Type.Integer({ minimum: 1000, maximum: 2 ** 31, default: 61999, description: 'last worker uid' }),
+        downloadUid: Type.Integer({ minimum: 1000, maximum: 2 ** 31, default: 62000, description: 'uid (and gid) of the model download helper (issue 10); outside the worker range' }),
       },
       { additionalProperties: false, default: {} },
     ),

@@ -5,7 +5,7 @@ import type { Logger } from '../logger.ts';
 import { PhantomaError, ERRORS } from '../errors.ts';
 import type { WorkerBackend, WorkerHandle } from './backend.ts';
 import type { WorkerSpec } from './worker-main.ts';
-import { createLineDecoder, encodeMessage, type FromWorker, type JobMessage, type Usage } from './worker-protocol.ts';
+import { createLineDecoder, encodeMessage, type FromWorker, type JobMessage, type Usage, type FinishReason, type ToolCall } from './worker-protocol.ts';
 
 export type WorkerState = 'starting' | 'ready' | 'busy';
 
@@ -41,7 +41,7 @@ export interface PoolOptions {
 }
 
 export interface JobResult {
-  finishReason: 'stop' | 'length' | 'abort';
+  finishReason: FinishReason;
   usage: Usage;
   firstTokenMs: number | null;
   generateMs: number;
@@ -57,6 +57,10 @@ export interface JobEnd {
 
 export interface RunOptions {
   onChunk(text: string): void;
+  /** The model's tool calls (chat with tools), once, before the job settles. */
+  onToolCalls?(calls: ToolCall[]): void;
+  /** One input's embedding (embeddings jobs), in input order. */
+  onEmbedding?(index: number, embedding: number[]): void;
   /** A sealed chunk (base64), relayed to the client as it is. */
   onSealed?(data: string, final: boolean): void;
   /** Called once the worker has ended, before the job's promise settles, whatever the outcome. */
@@ -250,6 +254,8 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
           run.signal?.addEventListener('abort', onAbort, { once: true });
           w.onMessage = (m) => {
             if (m.type === 'chunk') run.onChunk(m.text);
+            else if (m.type === 'tool_calls') run.onToolCalls?.(m.calls);
+            else if (m.type === 'embedding') run.onEmbedding?.(m.index, m.embedding);
             else if (m.type === 'sealed') run.onSealed?.(m.data, m.final);
             else if (m.type === 'done') {
               finish('ok', undefined, { finishReason: m.finishReason, usage: m.usage, firstTokenMs: m.firstTokenMs, generateMs: m.generateMs, ...(m.sealedOutcome ? { sealedOutcome: m.sealedOutcome } : {}) });

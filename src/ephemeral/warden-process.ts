@@ -26,6 +26,8 @@ export interface WardenProcessOptions {
   egress?: 'enforce' | 'off';
   /** --keyd-socket: keyd's socket, bind-mounted into every worker's view at /run/phantoma/keyd.sock (issue 7). */
   keydSocket?: string;
+  /** --download-script/--download-uid: the model download helper run in download/ (issue 10). */
+  download?: { script: string; uid: number };
   logger: Logger;
 }
 
@@ -57,6 +59,7 @@ export async function startWardenProcess(o: WardenProcessOptions): Promise<Warde
     ...o.expose.flatMap((d) => ['--expose', d]),
     ...(o.keydSocket ? ['--keyd-socket', o.keydSocket] : []),
     '--egress', o.egress ?? 'enforce',
+    ...(o.download ? ['--download-script', o.download.script, '--download-uid', String(o.download.uid)] : []),
   ];
   const log = o.logger.child({ component: 'warden' });
   const proc: ChildProcess = spawn(wardenBinaryPath(), args, { stdio: ['ignore', 'pipe', 'pipe'] });

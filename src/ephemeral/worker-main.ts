@@ -3,7 +3,7 @@
 // request, never keeps a prompt cache, and holds nothing that outlives its process.
 import { encodeMessage, createLineDecoder, type ToWorker, type FromWorker, type JobMessage } from './worker-protocol.ts';
 import { createLogger } from '../logger.ts';
-import { createLlamaRuntime, loadModelFile, createContext, prepareChatWrapper, generateChat, generateCompletion, type GenerateOptions } from '../models/llama.ts';
+import { createLlamaRuntime, loadModelFile, createContext, prepareChatWrapper, generateChat, generateCompletion, generateEmbeddings, type GenerateOptions, type GenerateResult } from '../models/llama.ts';
 import { ERRORS, PhantomaError, isPhantomaError } from '../errors.ts';
 import { setDumpable, mallocTrim } from '../native/addon.ts';
 import { parseEnvelope } from '../sealed/envelope.ts';
@@ -11,6 +11,7 @@ import { deriveSessionKeys, openBody, createChunkSealer } from '../sealed/seal.t
 import { jobFromSealedBody, encodeEvent, type SealedEvent } from '../sealed/inner.ts';
 import { createKeydClient } from '../vault/keyd-client.ts';
 import type { LlamaContext, ChatWrapper } from 'node-llama-cpp';
+import type { ToolCall } from './worker-protocol.ts';
 
 export interface WorkerSpec {
   modelName: string;
@@ -95,6 +96,11 @@ async function main(): Promise<void> {
     return exit(0);
   }
   const jobStart = performance.now();
+  if (request.kind === 'embeddings') {
+    const { promptTokens } = await embed(context, request.inputs, spec, (index, embedding) => send({ type: 'embedding', index, embedding }));
+    await send({ type: 'done', finishReason: 'stop', usage: { promptTokens, completionTokens: 0 }, firstTokenMs: null, generateMs: performance.now() - jobStart });
+    return exit(0);
+  }
   let firstTokenMs: number | null = null;
   const opts: GenerateOptions = {
     ...request.params,
@@ -104,7 +110,8 @@ async function main(): Promise<void> {
       void send({ type: 'chunk', text });
     },
   };
-  const result = request.kind === 'chat' ? await generateChat(context, request.messages, { ...opts, chatWrapper }) : await generateCompletion(context, request.prompt, opts);
+  const result = await runGeneration(context, chatWrapper, request, opts);
+  if (result.toolCalls) await send({ type: 'tool_calls', calls: result.toolCalls });
   await send({
     type: 'done',
     finishReason: result.finishReason,
@@ -114,6 +121,28 @@ async function main(): Promise<void> {
   });
   await exit(0);
 }
+
+/** A chat or completion job on the worker's context (tools and structured output for chat). */
+function runGeneration(context: LlamaContext, chatWrapper: ChatWrapper, job: Extract<JobMessage, { kind: 'chat' | 'completion' }>, opts: GenerateOptions): Promise<GenerateResult> {
+  if (job.kind === 'completion') return generateCompletion(context, job.prompt, opts);
+  return generateChat(context, job.messages, {
+    ...opts,
+    chatWrapper,
+    ...(job.responseFormat ? { responseFormat: job.responseFormat } : {}),
+    ...(job.tools ? { tools: job.tools } : {}),
+    ...(job.toolChoice ? { toolChoice: job.toolChoice } : {}),
+  });
+}
+
+/** An embeddings job: the generation context goes first, then one embedding context serves every input. */
+async function embed(context: LlamaContext, inputs: readonly string[], spec: WorkerSpec, onEmbedding: (index: number, v: number[]) => Promise<void>): Promise<{ promptTokens: number }> {
+  const model = context.model;
+  await context.dispose();
+  return generateEmbeddings(model, inputs, { contextSize: spec.contextSize, threads: spec.threads, batchSize: spec.batchSize, onEmbedding });
+}
+
+/** Floats per sealed embedding event: base64 of 2048 float32 stays far below the largest chunk bucket. */
+const SEALED_EMBEDDING_PIECE = 2048;
 
 /** Text is sealed in pieces that stay far below the largest chunk bucket, even fully JSON-escaped. */
 const SEALED_TEXT_PIECE = 2048;
@@ -143,6 +172,19 @@ async function serveSealed(request: Extract<JobMessage, { kind: 'sealed' }>, d: 
       json.fill(0);
     }
     if (job.kind === 'sealed') throw new Error('unreachable');
+    if (job.kind === 'embeddings') {
+      const { promptTokens } = await embed(d.context, job.inputs, d.spec, async (index, v) => {
+        const bytes = Buffer.alloc(v.length * 4);
+        v.forEach((x, i) => bytes.writeFloatLE(x, i * 4));
+        for (let at = 0; at < v.length; at += SEALED_EMBEDDING_PIECE) {
+          const piece = bytes.subarray(at * 4, Math.min(v.length, at + SEALED_EMBEDDING_PIECE) * 4).toString('base64');
+          await sendSealed({ t: 'embedding', index, offset: at, length: v.length, b64: piece }, false);
+        }
+      });
+      await sendSealed({ t: 'done', finish_reason: 'stop', usage: { prompt_tokens: promptTokens, completion_tokens: 0, total_tokens: promptTokens } }, true);
+      await send({ type: 'done', finishReason: 'stop', usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs: null, generateMs: performance.now() - jobStart, sealedOutcome: 'ok' });
+      return;
+    }
     let pending = '';
     const flush = async (): Promise<void> => {
       while (pending.length > 0) {
@@ -161,10 +203,11 @@ async function serveSealed(request: Extract<JobMessage, { kind: 'sealed' }>, d: 
         if (env.stream || pending.length >= SEALED_TEXT_PIECE) void flush();
       },
     };
-    const result = job.kind === 'chat' ? await generateChat(d.context, job.messages, { ...opts, chatWrapper: d.chatWrapper }) : await generateCompletion(d.context, job.prompt, opts);
+    const result = await runGeneration(d.context, d.chatWrapper, job, opts);
     await flush();
+    for (const [index, call] of (result.toolCalls ?? []).entries()) await sealToolCall(index, call, sendSealed);
     const usage = { prompt_tokens: result.promptTokens, completion_tokens: result.completionTokens, total_tokens: result.promptTokens + result.completionTokens };
-    await sendSealed({ t: 'done', finish_reason: result.finishReason === 'length' ? 'length' : 'stop', usage }, true);
+    await sendSealed({ t: 'done', finish_reason: result.finishReason === 'length' ? 'length' : result.finishReason === 'tool_calls' ? 'tool_calls' : 'stop', usage }, true);
     await send({ type: 'done', finishReason: result.finishReason, usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs, generateMs: performance.now() - jobStart, sealedOutcome: 'ok' });
   } catch (err) {
     const code = isPhantomaError(err) ? err.code : ERRORS.WORKER_FAILED.code;
@@ -173,6 +216,18 @@ async function serveSealed(request: Extract<JobMessage, { kind: 'sealed' }>, d: 
     await sendSealed({ t: 'error', code, status, message }, true);
     await send({ type: 'done', finishReason: 'stop', usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs, generateMs: performance.now() - jobStart, sealedOutcome: 'error' });
   }
+}
+
+/** A tool call as sealed events: the first names it, the arguments follow in pieces (as OpenAI's deltas). */
+async function sealToolCall(index: number, call: ToolCall, sendSealed: (e: SealedEvent, final: boolean) => Promise<void>): Promise<void> {
+  let rest = call.arguments;
+  let first = true;
+  do {
+    const piece = rest.slice(0, SEALED_TEXT_PIECE);
+    rest = rest.slice(SEALED_TEXT_PIECE);
+    await sendSealed(first ? { t: 'tool_call', index, id: call.id, name: call.name, arguments: piece } : { t: 'tool_call', index, arguments: piece }, false);
+    first = false;
+  } while (rest.length > 0);
 }
 
 main().catch(async (err: unknown) => {

@@ -14,11 +14,53 @@ export interface SamplingParams {
   stop?: string[];
 }
 
+/** A tool call the model made, or one from the history with its result (issue 15). `arguments` is JSON text. */
+export interface ToolCall {
+  id: string;
+  name: string;
+  arguments: string;
+  /** The `role: "tool"` message answering this call (history only). */
+  result?: string;
+}
+
+export interface ChatJobMessage {
+  role: 'system' | 'user' | 'assistant';
+  content: string;
+  /** Assistant turns that called tools, each call with its result. */
+  toolCalls?: ToolCall[];
+}
+
+/** Structured output: any JSON, or JSON matching a schema in the grammar subset (src/models/grammar.ts). */
+export type OutputFormat = { type: 'json_object' } | { type: 'json_schema'; schema: Record<string, unknown> };
+
+export interface ToolSpec {
+  name: string;
+  description?: string;
+  parameters: Record<string, unknown>;
+}
+
+/** auto: the model may call (the chat template's own call syntax); required/named: a grammar forces one call. */
+export type ToolChoice = 'auto' | 'required' | { name: string };
+
 export type JobMessage =
-  | { type: 'job'; kind: 'chat'; requestId: string; messages: Array<{ role: 'system' | 'user' | 'assistant'; content: string }>; params: SamplingParams }
+  | {
+      type: 'job';
+      kind: 'chat';
+      requestId: string;
+      messages: ChatJobMessage[];
+      params: SamplingParams;
+      responseFormat?: OutputFormat;
+      /** Absent when tool_choice is "none" or no tools were declared. */
+      tools?: ToolSpec[];
+      toolChoice?: ToolChoice;
+    }
   | { type: 'job'; kind: 'completion'; requestId: string; prompt: string; params: SamplingParams }
+  /** Embeddings for every input, in one worker (issue 15). */
+  | { type: 'job'; kind: 'embeddings'; requestId: string; inputs: string[] }
   /** A sealed request (docs/protocol.md): the whole envelope, base64; only this worker can open it. */
   | { type: 'job'; kind: 'sealed'; requestId: string; envelope: string };
+
+export type FinishReason = 'stop' | 'length' | 'abort' | 'tool_calls';
 
 export type ToWorker = JobMessage | { type: 'cancel' };
 
@@ -30,11 +72,15 @@ export interface Usage {
 export type FromWorker =
   | { type: 'ready'; pid: number; model: string; contextSize: number; loadMs: number }
   | { type: 'chunk'; text: string }
+  /** The model's tool calls, sent once before `done` (finishReason tool_calls). */
+  | { type: 'tool_calls'; calls: ToolCall[] }
+  /** One input's embedding (an embeddings job sends one per input, in order, before `done`). */
+  | { type: 'embedding'; index: number; embedding: number[] }
   /** A sealed chunk for the client (base64 of `u8 final ‖ AES-256-GCM(...)`): the gateway relays it as is. */
   | { type: 'sealed'; data: string; final: boolean }
   | {
       type: 'done';
-      finishReason: 'stop' | 'length' | 'abort';
+      finishReason: FinishReason;
       usage: Usage;
       firstTokenMs: number | null;
       generateMs: number;

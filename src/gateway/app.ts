@@ -252,7 +252,8 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
   }));
 
   function modelFor(name: string): ServedModel {
-    const m = modelsByName.get(name);
+    // deps.models is live: a model pulled while the gateway runs is appended to it (issue 10)
+    const m = modelsByName.get(name) ?? deps.models.find((x) => x.name === name);
     if (!m) throw new PhantomaError(ERRORS.MODEL_NOT_FOUND, `the model "${name.slice(0, 64)}" does not exist on this node`, { details: { param: 'model' } });
     return m;
   }

@@ -1,6 +1,9 @@
 // The one module that imports node-llama-cpp. Everything else talks to these typed wrappers.
 // The prebuilt CPU binary is used as shipped: never built, never downloaded, no GPU probing.
-import { getLlama, LlamaChat, LlamaCompletion, LlamaLogLevel, resolveChatWrapper, type ChatWrapper, type Llama, type LlamaModel, type LlamaContext, type ChatHistoryItem } from 'node-llama-cpp';
+import { getLlama, LlamaChat, LlamaCompletion, LlamaLogLevel, resolveChatWrapper, type ChatWrapper, type Llama, type LlamaModel, type LlamaContext, type ChatHistoryItem, type ChatModelFunctions, type LlamaGrammar, type ChatModelResponse } from 'node-llama-cpp';
+import type { OutputFormat, ToolCall, ToolChoice, ToolSpec } from '../ephemeral/worker-protocol.ts';
+import { toolCallSchema } from './grammar.ts';
+import { randomBytes } from 'node:crypto';
 import type { Logger } from '../logger.ts';
 import { readGgufSummary, type GgufSummary } from './gguf-reader.ts';
 import { sha256File } from './test-models.ts';
@@ -73,6 +76,8 @@ export function createContext(model: LlamaModel, opts: ContextOptions): Promise<
 export interface ChatMessage {
   role: 'system' | 'user' | 'assistant';
   content: string;
+  /** An assistant turn's tool calls, each with the result the client sent back (role "tool"). */
+  toolCalls?: ToolCall[];
 }
 
 export interface GenerateOptions {
@@ -86,7 +91,7 @@ export interface GenerateOptions {
   onTokens?: (tokens: number[]) => void;
 }
 
-export type FinishReason = 'stop' | 'length' | 'abort';
+export type FinishReason = 'stop' | 'length' | 'abort' | 'tool_calls';
 
 export interface GenerateResult {
   text: string;
@@ -94,11 +99,32 @@ export interface GenerateResult {
   promptTokens: number;
   completionTokens: number;
   finishReason: FinishReason;
+  /** The model's tool calls (chat with tools); the text is then what it said besides them, if anything. */
+  toolCalls?: ToolCall[];
+}
+
+function parseJsonOr(text: string | undefined): unknown {
+  if (text === undefined) return null;
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
+  }
+}
+
+/** An assistant turn; its tool calls render in the chat template's own call/result syntax. */
+function modelItem(m: ChatMessage): ChatHistoryItem {
+  const response: ChatModelResponse['response'] = [];
+  if (m.content !== '') response.push(m.content);
+  for (const c of m.toolCalls ?? []) {
+    response.push({ type: 'functionCall', name: c.name, params: parseJsonOr(c.arguments), result: parseJsonOr(c.result) });
+  }
+  return { type: 'model', response };
 }
 
 function toHistory(messages: readonly ChatMessage[]): ChatHistoryItem[] {
   const history: ChatHistoryItem[] = messages.map((m) =>
-    m.role === 'system' ? { type: 'system', text: m.content } : m.role === 'user' ? { type: 'user', text: m.content } : { type: 'model', response: [m.content] },
+    m.role === 'system' ? { type: 'system', text: m.content } : m.role === 'user' ? { type: 'user', text: m.content } : modelItem(m),
   );
   history.push({ type: 'model', response: [] });
   return history;
@@ -150,17 +176,78 @@ export function prepareChatWrapper(model: LlamaModel): ChatWrapper {
   return wrapper;
 }
 
+export interface ChatStructure {
+  /** Structured output: the whole answer is grammar-constrained JSON. */
+  responseFormat?: OutputFormat;
+  /** Declared tools and how the model may use them (absent: no tools). */
+  tools?: ToolSpec[];
+  toolChoice?: ToolChoice;
+}
+
+export function newToolCallId(): string {
+  return `call_${randomBytes(12).toString('base64url')}`;
+}
+
+/**
+ * The instruction a forced call (tool_choice required or named) adds as the first system message. The
+ * grammar makes the answer a call whatever the model would have said; this tells it which and how.
+ */
+function forcedCallInstruction(tools: readonly ToolSpec[]): string {
+  const list = tools.map((t) => ({ name: t.name, ...(t.description ? { description: t.description } : {}), parameters: t.parameters }));
+  return (
+    `You must call ${tools.length === 1 ? 'the function below' : 'exactly one of the functions below'}. ` +
+    'Reply with only a JSON object {"name": <function name>, "arguments": <arguments object>}.\n' +
+    `Functions: ${JSON.stringify(list)}`
+  );
+}
+
+async function grammarFor(context: LlamaContext, s: ChatStructure): Promise<LlamaGrammar | undefined> {
+  const llama = context.model.llama;
+  if (s.tools && s.toolChoice && s.toolChoice !== 'auto') {
+    const choice = s.toolChoice;
+    const chosen = choice === 'required' ? s.tools : s.tools.filter((t) => t.name === choice.name);
+    return llama.createGrammarForJsonSchema(toolCallSchema(chosen) as never);
+  }
+  if (s.responseFormat?.type === 'json_object') return llama.getGrammarFor('json');
+  if (s.responseFormat?.type === 'json_schema') return llama.createGrammarForJsonSchema(s.responseFormat.schema as never);
+  return undefined;
+}
+
 /** One chat completion on a fresh context sequence; the sequence is disposed afterwards. */
-export async function generateChat(context: LlamaContext, messages: readonly ChatMessage[], opts: GenerateOptions & { chatWrapper?: ChatWrapper }): Promise<GenerateResult> {
+export async function generateChat(context: LlamaContext, messages: readonly ChatMessage[], opts: GenerateOptions & ChatStructure & { chatWrapper?: ChatWrapper }): Promise<GenerateResult> {
+  const forced = opts.tools !== undefined && opts.toolChoice !== undefined && opts.toolChoice !== 'auto';
+  const native = opts.tools !== undefined && !forced;
+  const grammar = await grammarFor(context, opts);
   const sequence = context.getSequence();
   const chat = new LlamaChat({ contextSequence: sequence, autoDisposeSequence: true, ...(opts.chatWrapper ? { chatWrapper: opts.chatWrapper } : {}) });
   const tokens: number[] = [];
   try {
-    const history = toHistory(messages);
-    const promptTokens = chat.chatWrapper.generateContextState({ chatHistory: history }).contextText.tokenize(context.model.tokenizer).length;
+    const history = toHistory(forced ? [{ role: 'system', content: forcedCallInstruction(opts.tools!) }, ...messages] : messages);
+    // tool_choice auto: the tools are documented and called in the chat template's own syntax, which
+    // node-llama-cpp parses (and constrains by each function's parameter grammar once a call starts).
+    const functions: ChatModelFunctions | undefined = native
+      ? Object.fromEntries(opts.tools!.map((t) => [t.name, { ...(t.description ? { description: t.description } : {}), params: t.parameters as never }]))
+      : undefined;
+    const promptTokens = chat.chatWrapper
+      .generateContextState({ chatHistory: history, ...(functions ? { availableFunctions: functions, documentFunctionParams: true } : {}) })
+      .contextText.tokenize(context.model.tokenizer).length;
     assertFits(promptTokens, opts.maxTokens, context.contextSize);
-    const res = await chat.generateResponse(history, samplingOptions(opts, tokens));
-    return resultOf(res.response, res.metadata.stopReason, tokens, sequence.tokenMeter.usedInputTokens);
+    const sampling = samplingOptions(forced ? { ...opts, onText: undefined } : opts, tokens);
+    const res = functions
+      ? await chat.generateResponse(history, { ...sampling, functions, documentFunctionParams: true })
+      : await chat.generateResponse(history, { ...sampling, ...(grammar ? { grammar } : {}) });
+    const result = resultOf(res.response, res.metadata.stopReason, tokens, sequence.tokenMeter.usedInputTokens);
+    if (native && res.functionCalls && res.functionCalls.length > 0) {
+      result.toolCalls = res.functionCalls.map((c) => ({ id: newToolCallId(), name: c.functionName, arguments: JSON.stringify(c.params ?? {}) }));
+      result.finishReason = 'tool_calls';
+    } else if (forced && result.finishReason === 'stop') {
+      // The grammar admits only a complete call; cut short (max_tokens) it stays text with finish "length".
+      const call = JSON.parse(res.response) as { name: string; arguments: unknown };
+      result.toolCalls = [{ id: newToolCallId(), name: call.name, arguments: JSON.stringify(call.arguments) }];
+      result.text = '';
+      result.finishReason = 'tool_calls';
+    }
+    return result;
   } finally {
     chat.dispose();
   }
@@ -178,4 +265,38 @@ export async function generateCompletion(context: LlamaContext, prompt: string, 
   } finally {
     completion.dispose();
   }
+}
+
+/** The model's embedding width. */
+export function embeddingLength(model: LlamaModel): number {
+  return model.embeddingVectorSize;
+}
+
+/**
+ * Embeddings for each input on an embedding context made for this one job (a one-shot worker disposes its
+ * generation context first, so the two are never held together). Vectors are L2-normalised, as OpenAI's are.
+ */
+export async function generateEmbeddings(
+  model: LlamaModel,
+  inputs: readonly string[],
+  opts: ContextOptions & { onEmbedding?: (index: number, vector: number[]) => void | Promise<void> },
+): Promise<{ promptTokens: number }> {
+  const ctx = await model.createEmbeddingContext({ contextSize: opts.contextSize, batchSize: opts.batchSize, threads: opts.threads });
+  let promptTokens = 0;
+  try {
+    for (let i = 0; i < inputs.length; i++) {
+      const tokens = model.tokenize(inputs[i]!);
+      if (tokens.length > opts.contextSize) {
+        throw new PhantomaError(ERRORS.CONTEXT_LENGTH_EXCEEDED, `input ${i} has ${tokens.length} tokens; this model embeds at most ${opts.contextSize}`, { details: { param: 'input' } });
+      }
+      promptTokens += tokens.length;
+      const e = await ctx.getEmbeddingFor(tokens);
+      const v = [...e.vector];
+      const norm = Math.hypot(...v);
+      await opts.onEmbedding?.(i, norm > 0 ? v.map((x) => x / norm) : v);
+    }
+  } finally {
+    await ctx.dispose();
+  }
+  return { promptTokens };
 }

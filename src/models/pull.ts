@@ -15,7 +15,8 @@ import { encodeRequest } from '../ephemeral/warden-client.ts';
 import { fsyncDir } from '../util/atomic-file.ts';
 import { readGgufSummary } from './gguf-reader.ts';
 import { describeGguf, fileBytes, isServed, MODEL_NAME_RE, modelFile, readManifest, writeManifest, type ModelManifest } from './store.ts';
-import { readWindow, systemResolver, type Resolver } from '../egress/window.ts';
+import { closeWindow, readWindow, systemResolver, type Resolver } from '../egress/window.ts';
+import { createEgressClient } from '../egress/warden-egress.ts';
 
 export interface PullProgress {
   bytes: number;
@@ -203,6 +204,9 @@ export async function pullModel(o: PullOptions): Promise<PullResult> {
   if (existsSync(target) && isServed(dir, name)) {
     throw new ModelError(ERRORS.MODEL_IN_USE, `the gateway serves "${name}" with other contents: it is not overwritten (pull under another --name)`, { details: { model: name } });
   }
+  // A window past its deadline is closed now, whether or not the gateway's keeper got to it yet.
+  const open = readWindow(o.stateDir);
+  if (open && open.until <= Date.now()) await closeWindow({ egress: createEgressClient({ socketPath: o.wardenSocket }), stateDir: o.stateDir });
   const port = Number(u.port || (u.protocol === 'https:' ? 443 : 80));
   const addresses = await addressesFor(u, port, o.stateDir, o.resolve ?? systemResolver);
   if (addresses.length === 0) throw new PhantomaError(ERRORS.MODEL_PULL_FAILED, `${u.hostname} has no address`);

@@ -112,7 +112,7 @@ export function isServed(dir: string, name: string): boolean {
 export function removeModel(dir: string, name: string): ModelManifest {
   const m = readManifest(dir, name);
   if (!m) throw new ModelError(ERRORS.MODEL_NOT_FOUND, `no pulled model named "${name}" in ${dir}`, { details: { model: name } });
-  if (isServed(dir, name)) throw new ModelError(ERRORS.MODEL_IN_USE, `the gateway serves "${name}": it cannot be removed while in use (stop the gateway first)`, { details: { model: name } });
+  // A running gateway notices at its next scan and stops serving it (its pool is closed).
   // Manifest first: from then on nothing treats the file as a model.
   unlinkSync(manifestFile(dir, name));
   try {

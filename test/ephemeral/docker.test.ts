@@ -6,7 +6,9 @@ import t from 'tap';
 import { readFileSync } from 'node:fs';
 import { startTestDockerd, type TestDockerd } from './docker-rig.ts';
 import { startTestNode, parseSse, until, type TestNode } from '../gateway/fixture.ts';
-import { WORKER_LABEL } from '../../src/ephemeral/docker-backend.ts';
+import { WORKER_LABEL, workerContainerConfig } from '../../src/ephemeral/docker-backend.ts';
+import { createLogger } from '../../src/logger.ts';
+import { tinyModelPath } from '../helpers.ts';
 
 const CGROUP_PARENT = `/phantoma-dtest-${process.pid}/workers`;
 const MODEL = 'tiny';
@@ -14,8 +16,18 @@ const MODEL = 'tiny';
 let dockerd: TestDockerd;
 let node: TestNode;
 
+let leftover = '';
+let leftoverBefore = 0;
+
 t.before(async () => {
   dockerd = await startTestDockerd();
+  // A worker container "left by a crashed gateway" (same cgroup parent label), running: the node must remove it before serving.
+  const opts = { docker: dockerd.docker, image: dockerd.image, cgroupParent: CGROUP_PARENT, uidRange: { from: 61000, to: 61999 }, memoryBytes: 256 << 20, pidsMax: 32, nanoCpus: 1e9, tmpfsBytes: 1 << 20, preloadThreadpool: false, logger: createLogger({ level: 'silent' }) };
+  const cfg = workerContainerConfig(opts, { modelName: MODEL, modelPath: await tinyModelPath(), contextSize: 256, threads: 1, batchSize: 64, logLevel: 'silent' }, `left${process.pid}`, 61999);
+  const c = await dockerd.docker.createContainer({ ...cfg, Cmd: [cfg.Cmd![0]!, '-e', 'setTimeout(() => {}, 600000)'] });
+  await c.start();
+  leftover = c.id;
+  leftoverBefore = await inspectStatus(leftover);
   node = await startTestNode({
     workers: { backend: 'docker', memoryMaxBytes: 1 << 30 },
     docker: { socket: dockerd.socketPath, cgroupParent: CGROUP_PARENT, cpus: 1 },
@@ -38,6 +50,11 @@ async function inspectStatus(name: string): Promise<number> {
     return (err as { statusCode?: number }).statusCode ?? -1;
   }
 }
+
+t.test('a worker container left by an earlier run is removed before the node serves', async (t) => {
+  t.equal(leftoverBefore, 200, 'positive control: the leftover container existed (inspect 200)');
+  t.equal(await inspectStatus(leftover), 404, 'it is gone once the node has started (inspect 404)');
+});
 
 t.test('the warm pool is running containers, one per worker, under the configured cgroup parent', async (t) => {
   const pool = node.node.models[0]!.pool;
