@@ -27,6 +27,7 @@ export const ERRORS = Object.freeze({
   MODEL_FILE_INVALID: def('model_file_invalid', 500, 'server_error', 3),
   MODEL_DIGEST_MISMATCH: def('model_digest_mismatch', 500, 'server_error', 3),
   MODEL_LOAD_FAILED: def('model_load_failed', 500, 'server_error', 3),
+  MEMORY_BUDGET_EXCEEDED: def('memory_budget_exceeded', 500, 'server_error', 2),
   // requests (gateway)
   INVALID_REQUEST: def('invalid_request', 400, 'invalid_request_error', 2),
   INVALID_JSON: def('invalid_json', 400, 'invalid_request_error', 2),

@@ -6,8 +6,11 @@ import { join, dirname } from 'node:path';
 import type { Config } from './config/schema.ts';
 import type { Logger } from './logger.ts';
 import { resolveFromRoot, projectRoot } from './paths.ts';
+import { markGoodIfOnTrial } from './updates/slots.ts';
 import { createModelRegistry } from './models/registry.ts';
 import { readGgufSummary } from './models/gguf-reader.ts';
+import { checkMemoryBudget } from './models/memory.ts';
+import { modelPoolSettings } from './models/pool-settings.ts';
 import { createProcessBackend } from './ephemeral/process-backend.ts';
 import { createWardenClient } from './ephemeral/warden-client.ts';
 import { createWardenBackend } from './ephemeral/warden-backend.ts';
@@ -139,6 +142,15 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   // Resolved once: for a built-in model this verifies the whole cached file against its digest.
   const resolvedModels = [];
   for (const name of registry.names()) resolvedModels.push(await registry.resolve(name));
+  // Memory budgeting (issue 15): refused before anything starts when every pool, warm at once, cannot fit.
+  checkMemoryBudget(
+    resolvedModels.map((m) => {
+      const summary = readGgufSummary(m.path);
+      const s = modelPoolSettings(config, m.name, summary);
+      return { name: m.name, path: m.path, summary, contextSize: s.contextSize, workers: s.size };
+    }),
+    config.inference.memoryBudgetBytes,
+  );
   // keyd first when there is a vault (issue 7): the warden binds its socket into every worker it spawns.
   const keydAudit: { to?: (e: AuditEvent) => void } = {};
   const keyd = await startNodeKeyd(config, { logger: log, env: deps.vaultEnv ?? process.env, audit: (e) => keydAudit.to?.(e) });
@@ -210,8 +222,9 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   const serveModel = (resolved: { name: string; path: string; sha256?: string }): ServedModel => {
     const name = resolved.name;
     const summary = readGgufSummary(resolved.path);
-    const trained = Number(summary.metadata.get(`${String(summary.metadata.get('general.architecture'))}.context_length`) ?? config.inference.contextSize);
-    const contextLength = Math.min(config.inference.contextSize, trained);
+    // Per-model pool settings (issue 15), falling back to pool.* and inference.*.
+    const settings = modelPoolSettings(config, name, summary);
+    const contextLength = settings.contextSize;
     const pool = egress.wrapPool(createWorkerPool({
       backend,
       spec: {
@@ -219,22 +232,25 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
         modelPath: resolved.path,
         ...(resolved.sha256 ? { sha256: resolved.sha256 } : {}),
         contextSize: contextLength,
-        threads: config.inference.threads,
-        batchSize: config.inference.batchSize,
+        threads: settings.threads,
+        batchSize: settings.batchSize,
         logLevel: config.logLevel === 'info' ? 'warn' : config.logLevel,
         // Sealed requests (issue 8): where keyd's socket is in the worker's view — the warden and Docker
         // bind it at a fixed path; a plain process worker sees the host path.
         ...(workerKeydSocket ? { keydSocket: workerKeydSocket } : {}),
         maxEnvelopeBytes: config.sealed.maxEnvelopeBytes,
       },
-      size: config.pool.size,
-      maxActive: config.pool.maxActive,
+      size: settings.size,
+      maxActive: settings.maxActive,
       maxQueue: config.gateway.maxQueue,
       logger: log,
       observer,
       ...(blocked ? { blocked } : {}),
+      lazy: settings.lazy,
+      ...(settings.idleMs !== undefined ? { idleMs: settings.idleMs } : {}),
     }));
-    return { name, contextLength, pool };
+    const width = Number(summary.metadata.get(`${String(summary.metadata.get('general.architecture'))}.embedding_length`));
+    return { name, contextLength, pool, ...(Number.isFinite(width) && width > 0 ? { embeddingLength: width } : {}) };
   };
   for (const resolved of resolvedModels) models.push(serveModel(resolved));
   metrics.watchPools(models.map((m) => m.pool));
@@ -327,6 +343,13 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   const metricsPort = (metricsApp.server.address() as { port: number }).port;
   const url = `${tls ? 'https' : 'http'}://${hostForUrl(g.host)}:${port}`;
   log.info({ url, metrics: `http://${hostForUrl(g.metricsHost)}:${metricsPort}/metrics`, ...(tls ? { tlsFingerprint: tls.fingerprint } : {}) }, 'gateway listening');
+  // Signed updates (issue 12): a release on its trial boot marks itself good once it serves.
+  try {
+    const marked = markGoodIfOnTrial(resolveFromRoot(config.updates.root));
+    if (marked) log.info({ version: marked }, 'trial boot: marked this release good');
+  } catch (err) {
+    log.warn({ err: (err as Error).message }, 'could not read the update state');
+  }
   return {
     url,
     metricsUrl: `http://${hostForUrl(g.metricsHost)}:${metricsPort}/metrics`,

@@ -26,6 +26,7 @@ import { clientsCommand } from './clients.ts';
 import { enrollCommand } from './enroll.ts';
 import { heartbeatCommand } from './heartbeat.ts';
 import { keydCommand } from './keyd.ts';
+import { updateCommand } from './update.ts';
 
 export interface CommandContext {
   args: string[];
@@ -54,6 +55,7 @@ const COMMANDS: Record<string, Command> = {
   enroll: enrollCommand,
   heartbeat: heartbeatCommand,
   keyd: keydCommand,
+  update: updateCommand,
   audit: auditCommand,
   doctor: doctorCommand,
   docker: dockerCommand,

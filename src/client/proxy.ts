@@ -5,7 +5,7 @@
 import Fastify, { type FastifyInstance } from 'fastify';
 import { randomBytes, type KeyObject } from 'node:crypto';
 import { ERRORS, PhantomaError, isPhantomaError } from '../errors.ts';
-import { errorBody } from '../gateway/openai.ts';
+import { errorBody, toolCallsOut, embeddingObject } from '../gateway/openai.ts';
 import { createSealedClient, type SealedClient, type SealedAnswer } from './sealed.ts';
 import type { Logger } from '../logger.ts';
 
@@ -52,6 +52,17 @@ export function buildProxy(opts: ProxyOptions): FastifyInstance {
 
   app.get('/v1/models', async () => ({ object: 'list', data: opts.models.map((id) => ({ id, object: 'model', created: 0, owned_by: 'phantoma' })) }));
 
+  app.post('/v1/embeddings', async (request) => {
+    const raw = request.body;
+    if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new PhantomaError(ERRORS.INVALID_REQUEST, 'the body must be a JSON object');
+    const { model, encoding_format: format, ...rest } = raw as Record<string, unknown>;
+    if (typeof model !== 'string' || model === '') throw new PhantomaError(ERRORS.INVALID_REQUEST, 'model is required');
+    if (format !== undefined && format !== 'float' && format !== 'base64') throw new PhantomaError(ERRORS.INVALID_REQUEST, 'encoding_format must be float or base64', { details: { param: 'encoding_format' } });
+    const a = await send(model, rest, { stream: false });
+    const data = (a.embeddings ?? []).map((v, i) => embeddingObject(i, v, format as 'float' | 'base64' | undefined));
+    return { object: 'list', data, model, usage: { prompt_tokens: a.usage.prompt_tokens, total_tokens: a.usage.prompt_tokens } };
+  });
+
   for (const shape of ['chat', 'completion'] as const) {
     app.post(shape === 'chat' ? '/v1/chat/completions' : '/v1/completions', async (request, reply) => {
       const raw = request.body;
@@ -63,8 +74,9 @@ export function buildProxy(opts: ProxyOptions): FastifyInstance {
       const created = Math.floor(Date.now() / 1000);
       if (stream !== true) {
         const a = await send(model, rest, { stream: false });
+        const message = a.toolCalls ? { role: 'assistant', content: a.text === '' ? null : a.text, refusal: null, tool_calls: toolCallsOut(a.toolCalls) } : { role: 'assistant', content: a.text, refusal: null };
         return shape === 'chat'
-          ? { id, object: 'chat.completion', created, model, choices: [{ index: 0, message: { role: 'assistant', content: a.text, refusal: null }, logprobs: null, finish_reason: a.finishReason }], usage: a.usage }
+          ? { id, object: 'chat.completion', created, model, choices: [{ index: 0, message, logprobs: null, finish_reason: a.finishReason }], usage: a.usage }
           : { id, object: 'text_completion', created, model, choices: [{ index: 0, text: a.text, logprobs: null, finish_reason: a.finishReason }], usage: a.usage };
       }
       // Streamed: the SSE response starts with the first opened text, so a refusal can still be a status.
@@ -94,6 +106,11 @@ export function buildProxy(opts: ProxyOptions): FastifyInstance {
           },
         });
         begin();
+        // Tool calls open only with the final chunk (the SDK assembles them), so they go out as deltas here.
+        for (const [index, c] of (a.toolCalls ?? []).entries()) {
+          const delta = { role: 'assistant', content: null, tool_calls: [{ index, id: c.id, type: 'function', function: { name: c.name, arguments: c.arguments } }] };
+          reply.raw.write(`data: ${JSON.stringify({ id, object, created, model, choices: [{ index: 0, delta, logprobs: null, finish_reason: null }] })}\n\n`);
+        }
         reply.raw.write(chunk(null, a.finishReason));
         if (includeUsage) reply.raw.write(chunk(null, null, a.usage));
         reply.raw.end('data: [DONE]\n\n');

@@ -27,9 +27,13 @@ export interface SealedClientOptions {
 export interface SealedAnswer {
   /** The text events in order (streamed as they open, when a callback is given). */
   text: string;
-  finishReason: 'stop' | 'length';
+  finishReason: 'stop' | 'length' | 'tool_calls';
   usage: { prompt_tokens: number; completion_tokens: number; total_tokens: number };
   receipt: Receipt;
+  /** The model's tool calls (chat with tools), assembled from their sealed pieces. */
+  toolCalls?: Array<{ id: string; name: string; arguments: string }>;
+  /** Embeddings bodies (`input`): one vector per input, in order. */
+  embeddings?: number[][];
 }
 
 export interface SealedClient {
@@ -81,11 +85,21 @@ export function createSealedClient(opts: SealedClientOptions): SealedClient {
     const res = await request(c.endpoint, 'POST', SEALED_PATH, { bytes: sealed.envelope, contentType: SEALED_CONTENT_TYPE }, o.signal);
     const opener = createChunkOpener(sealed.keys.responseKey);
     const answer: { text: string[]; end?: SealedEvent; receipt?: Receipt; clearError?: PhantomaError } = { text: [] };
+    const calls: Array<{ id: string; name: string; arguments: string }> = [];
+    const vectors: Float32Array[] = [];
     const take = (b64: string): void => {
       const e = decodeEvent(opener.open(Buffer.from(b64, 'base64')));
       if (e.t === 'text') {
         answer.text.push(e.text);
         o.onText?.(e.text);
+      } else if (e.t === 'tool_call') {
+        const call = (calls[e.index] ??= { id: e.id ?? '', name: e.name ?? '', arguments: '' });
+        call.arguments += e.arguments;
+      } else if (e.t === 'embedding') {
+        const v = (vectors[e.index] ??= new Float32Array(e.length));
+        const bytes = Buffer.from(e.b64, 'base64');
+        if (v.length !== e.length || e.offset + bytes.length / 4 > v.length) throw new PhantomaError(ERRORS.SEALED_OPEN_FAILED, 'an embedding piece does not fit its vector');
+        for (let i = 0; i < bytes.length / 4; i++) v[e.offset + i] = bytes.readFloatLE(i * 4);
       } else answer.end = e;
     };
     const contentType = String(res.headers['content-type'] ?? '');
@@ -112,7 +126,14 @@ export function createSealedClient(opts: SealedClientOptions): SealedClient {
       throw Object.assign(new PhantomaError(definitionOf(answer.end.code, ERRORS.INTERNAL), answer.end.message), { receipt: answer.receipt });
     }
     if (answer.end.t !== 'done') throw new PhantomaError(ERRORS.SEALED_OPEN_FAILED, 'the final chunk is not an end event');
-    return { text: answer.text.join(''), finishReason: answer.end.finish_reason, usage: answer.end.usage, receipt: answer.receipt };
+    return {
+      text: answer.text.join(''),
+      finishReason: answer.end.finish_reason,
+      usage: answer.end.usage,
+      receipt: answer.receipt,
+      ...(calls.length > 0 ? { toolCalls: calls } : {}),
+      ...(vectors.length > 0 ? { embeddings: vectors.map((v) => [...v]) } : {}),
+    };
   }
 
   return {

@@ -4,10 +4,25 @@ import { Type, type Static } from '@sinclair/typebox';
 
 const ModelName = Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$', description: 'name clients use in "model"' });
 
+/** Per-model pool settings (issue 15); each absent one falls back to pool.* / inference.*. */
+const ModelPoolSchema = Type.Object(
+  {
+    size: Type.Optional(Type.Integer({ minimum: 1, maximum: 64, description: 'warm workers kept ready for this model (default pool.size)' })),
+    maxActive: Type.Optional(Type.Integer({ minimum: 1, maximum: 64, description: 'requests generating at once for this model (default pool.maxActive)' })),
+    threads: Type.Optional(Type.Integer({ minimum: 1, maximum: 256, description: 'CPU threads per generation (default inference.threads); never more than the cores' })),
+    contextSize: Type.Optional(Type.Integer({ minimum: 64, maximum: 131072, description: 'tokens of context per request (default inference.contextSize)' })),
+    batchSize: Type.Optional(Type.Integer({ minimum: 1, maximum: 8192, description: 'prompt evaluation batch size (default inference.batchSize)' })),
+    load: Type.Optional(Type.Union([Type.Literal('eager'), Type.Literal('lazy')], { description: 'eager (default): warm at start; lazy: no worker until the first request' })),
+    idleSeconds: Type.Optional(Type.Integer({ minimum: 1, maximum: 604_800, description: 'after this long without a request the pool scales to zero; the next request starts a worker (default: never)' })),
+  },
+  { additionalProperties: false },
+);
+
 export const BuiltinModelSchema = Type.Object(
   {
     name: ModelName,
-    builtin: Type.Union([Type.Literal('tiny'), Type.Literal('bench')], { description: 'a test model Phantoma generates itself' }),
+    builtin: Type.Union([Type.Literal('tiny'), Type.Literal('tiny-wide'), Type.Literal('bench')], { description: 'a test model Phantoma generates itself' }),
+    pool: Type.Optional(ModelPoolSchema),
   },
   { additionalProperties: false },
 );
@@ -17,6 +32,7 @@ export const FileModelSchema = Type.Object(
     name: ModelName,
     path: Type.String({ minLength: 1, description: 'absolute path of a GGUF file' }),
     sha256: Type.Optional(Type.String({ pattern: '^[0-9a-f]{64}$', description: 'expected digest, checked before loading' })),
+    pool: Type.Optional(ModelPoolSchema),
   },
   { additionalProperties: false },
 );
@@ -158,11 +174,25 @@ export const ConfigSchema = Type.Object(
       },
       { additionalProperties: false, default: {} },
     ),
+    updates: Type.Object(
+      {
+        root: Type.String({ minLength: 1, default: '/opt/phantoma', description: 'the A/B slot layout: slots/a, slots/b, the current symlink and update-state.json' }),
+        trustedRoot: Type.String({ minLength: 1, default: 'deploy/update-root.json', description: "the pinned TUF root.json (version 1 or any later one the node verified); copied into <stateDir>/updates/tuf on first use" }),
+        repositoryUrl: Type.Optional(Type.String({ pattern: '^(https?|file)://', maxLength: 300, description: "the TUF repository; default the enrolled control plane's /v1/updates/ (pinned like heartbeats)" })),
+        trialSeconds: Type.Integer({ minimum: 5, maximum: 3600, default: 120, description: 'a new release must mark itself good within this, or the supervisor switches back' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
     inference: Type.Object(
       {
         threads: Type.Integer({ minimum: 1, maximum: 256, default: 2, description: 'CPU threads per generation; never more than the cores' }),
         contextSize: Type.Integer({ minimum: 64, maximum: 131072, default: 2048, description: 'tokens of context per request' }),
         batchSize: Type.Integer({ minimum: 1, maximum: 8192, default: 512, description: 'prompt evaluation batch size' }),
+        memoryBudgetBytes: Type.Optional(Type.Integer({
+          minimum: 16 << 20,
+          maximum: 2 ** 50,
+          description: "RAM every model's pool may use when warm (estimate: weights once per model, KV cache and runtime per worker); default 90% of the host's RAM; a config over it is refused",
+        })),
         persistentThreadpool: Type.Boolean({
           default: true,
           description: 'give each worker context a persistent CPU threadpool (native/threadpool), as llama-server does',

@@ -47,8 +47,6 @@ export interface WindowState {
   until: number;
   targets: WindowTarget[];
   entries: AllowEntry[];
-  /** Set by the gateway's keeper once it recorded the opening in the audit log. */
-  openAudited?: boolean;
 }
 
 export function windowPath(stateDir: string): string {
@@ -209,6 +207,16 @@ export function windowOpenedEvent(w: WindowState): AuditEvent {
   return { type: 'egress_window_opened', windowId: w.id, by: w.by.replace(/[^A-Za-z0-9_.:-]/g, '_').slice(0, 64) || 'unknown', untilMs: w.until, allow: auditAllow(w.entries) };
 }
 
+const AUDITED_FILE = 'egress-window.audited';
+
+function readAudited(stateDir: string): string | undefined {
+  try {
+    return readFileSync(join(stateDir, AUDITED_FILE), 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
+
 export interface WindowKeeper {
   /** One check now: audits a newly seen window, closes an expired one. */
   check(): Promise<void>;
@@ -236,12 +244,15 @@ export async function startWindowKeeper(o: {
     // A window this keeper saw is gone without the keeper closing it: `window close` (or a new window).
     if (seen && seen !== w?.id) o.audit({ type: 'egress_window_closed', windowId: seen, reason: 'manual', entries: 0 });
     seen = w && w.until > now() ? w.id : undefined;
-    if (w && !w.openAudited && w.until > now()) {
+    // Which window's opening is already in the audit log: its own file, never a rewrite of the window
+    // file (that could race with a `window open` writing a new one).
+    const audited = w ? readAudited(o.stateDir) === w.id : false;
+    if (w && !audited && w.until > now()) {
       o.audit(windowOpenedEvent(w));
-      writeFileAtomic(windowPath(o.stateDir), JSON.stringify({ ...w, openAudited: true }, null, 2) + '\n', 0o600);
+      writeFileAtomic(join(o.stateDir, AUDITED_FILE), w.id + '\n', 0o600);
     }
     if (w && w.until <= now()) {
-      if (!w.openAudited && w.id !== 'unreadable') o.audit(windowOpenedEvent(w));
+      if (!audited && w.id !== 'unreadable') o.audit(windowOpenedEvent(w));
       const r = await closeWindow(o);
       o.audit({ type: 'egress_window_closed', windowId: w.id, reason: first ? 'expired_at_start' : 'expired', entries: r.removed });
       o.log?.info({ windowId: w.id, removed: r.removed }, 'maintenance window closed at its deadline');

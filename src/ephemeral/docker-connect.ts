@@ -11,8 +11,9 @@ import { createDockerBackend, removeLeftoverWorkers } from './docker-backend.ts'
 import type { WorkerBackend } from './backend.ts';
 
 export function dockerClient(config: Readonly<Config>): Docker {
-  // A bounded client: a hung dockerd must not hang the gateway's start or a worker's end.
-  return new Docker({ socketPath: config.docker.socket, timeout: 60_000 });
+  // No request timeout: docker-modem's applies to the socket's idle time, which would cut the attach
+  // stream of a warm worker that waits longer than it for its request. Start-up bounds its own ping.
+  return new Docker({ socketPath: config.docker.socket });
 }
 
 /** Answers within `ms` or throws docker_unreachable. */

@@ -8,9 +8,12 @@
 // start-up whether the image in dockerd is the one its own files would make — the Docker counterpart of
 // "workers refuse a stale dist/".
 import { createHash } from 'node:crypto';
-import { execFileSync, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import {
   chmodSync,
+  closeSync,
+  openSync,
+  readSync,
   copyFileSync,
   createReadStream,
   existsSync,
@@ -119,24 +122,99 @@ export function workerPackageDirs(root: string): string[] {
   return [...seen].sort();
 }
 
-/** Shared libraries (and the ELF interpreter) that the given binaries load, as ldd reports them. */
+const LIB_DIRS = ['/lib/x86_64-linux-gnu', '/usr/lib/x86_64-linux-gnu', '/lib64', '/usr/lib64', '/lib', '/usr/lib'];
+
+interface ElfDeps {
+  interp?: string;
+  needed: string[];
+  runpath: string[];
+}
+
+/** Reads an x86-64 ELF file's interpreter, DT_NEEDED and DT_RUNPATH/DT_RPATH; undefined if not a dynamic ELF64. */
+export function readElfDeps(path: string): ElfDeps | undefined {
+  const fd = openSync(path, 'r');
+  try {
+    // Positional reads: the Node binary alone is 126 MB, and only its headers are needed.
+    const at = (off: number, len: number): Buffer => {
+      const out = Buffer.alloc(len);
+      const n = readSync(fd, out, 0, len, off);
+      return out.subarray(0, n);
+    };
+    const h = at(0, 64);
+    if (h.length < 64 || h.readUInt32BE(0) !== 0x7f454c46 || h[4] !== 2 || h[5] !== 1) return undefined;
+    const phoff = Number(h.readBigUInt64LE(32));
+    const phentsize = h.readUInt16LE(54);
+    const phnum = h.readUInt16LE(56);
+    const ph = at(phoff, phentsize * phnum);
+    const loads: Array<{ vaddr: number; offset: number; filesz: number }> = [];
+    let dyn: { offset: number; size: number } | undefined;
+    let interp: string | undefined;
+    for (let i = 0; i < phnum; i++) {
+      const o = i * phentsize;
+      const type = ph.readUInt32LE(o);
+      const offset = Number(ph.readBigUInt64LE(o + 8));
+      const vaddr = Number(ph.readBigUInt64LE(o + 16));
+      const filesz = Number(ph.readBigUInt64LE(o + 32));
+      if (type === 1) loads.push({ vaddr, offset, filesz });
+      else if (type === 2) dyn = { offset, size: filesz };
+      else if (type === 3) interp = at(offset, filesz).toString('latin1').replace(/\0+$/, '');
+    }
+    if (!dyn) return undefined;
+    const toOffset = (vaddr: number): number => {
+      const l = loads.find((x) => vaddr >= x.vaddr && vaddr < x.vaddr + x.filesz);
+      if (!l) throw new Error(`${path}: address 0x${vaddr.toString(16)} is in no loaded segment`);
+      return vaddr - l.vaddr + l.offset;
+    };
+    const d = at(dyn.offset, dyn.size);
+    let strtab = 0;
+    const needed: number[] = [];
+    const paths: number[] = [];
+    for (let o = 0; o + 16 <= d.length; o += 16) {
+      const tag = Number(d.readBigInt64LE(o));
+      const val = Number(d.readBigUInt64LE(o + 8));
+      if (tag === 0) break;
+      if (tag === 1) needed.push(val);
+      else if (tag === 5) strtab = toOffset(val);
+      else if (tag === 15 || tag === 29) paths.push(val);
+    }
+    const str = (off: number): string => {
+      const chunk = at(strtab + off, 4096);
+      const end = chunk.indexOf(0);
+      return chunk.toString('latin1', 0, end === -1 ? chunk.length : end);
+    };
+    const origin = dirname(path);
+    return {
+      ...(interp ? { interp } : {}),
+      needed: needed.map(str),
+      runpath: paths.flatMap((p) => str(p).split(':')).filter(Boolean).map((x) => x.replace(/\$\{?ORIGIN\}?/g, origin)),
+    };
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * Shared libraries (and the ELF interpreter) that the given binaries load, found as the dynamic loader
+ * would on Debian (RUNPATH/RPATH with $ORIGIN, then the multiarch and default directories), recursively.
+ * Read from the ELF headers directly: ldd runs the loader on each file, seconds for node-llama-cpp's 15.
+ */
 export function sharedLibraries(binaries: readonly string[]): string[] {
   const libs = new Set<string>();
-  if (binaries.length === 0) return [];
-  let out: string;
-  try {
-    // One ldd for all: it prints a "path:" header, then that binary's libraries.
-    out = execFileSync('ldd', [...binaries], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
-  } catch (err) {
-    // ldd exits non-zero when any argument is not dynamic; what it printed is still right.
-    out = String((err as { stdout?: string }).stdout ?? '');
-  }
-  let bin = '';
-  for (const line of out.split('\n')) {
-    if (/^\S.*:$/.test(line)) bin = line.slice(0, -1);
-    const m = /=>\s+(\/\S+)\s+\(/.exec(line) ?? /^\s*(\/\S+)\s+\(/.exec(line);
-    if (m) libs.add(m[1]!);
-    else if (/=> not found/.test(line)) throw new PhantomaError(ERRORS.CONFIG_INVALID, `${bin} needs a library this host does not have: ${line.trim()}`);
+  const seen = new Set<string>();
+  const todo = [...binaries];
+  while (todo.length) {
+    const bin = todo.pop()!;
+    if (seen.has(bin)) continue;
+    seen.add(bin);
+    const deps = readElfDeps(bin);
+    if (!deps) continue;
+    if (deps.interp) libs.add(deps.interp);
+    for (const name of deps.needed) {
+      const found = name.includes('/') ? name : [...deps.runpath, ...LIB_DIRS].map((d) => join(d, name)).find((p) => existsSync(p));
+      if (!found) throw new PhantomaError(ERRORS.CONFIG_INVALID, `${bin} needs ${name}, which this host does not have`);
+      libs.add(found);
+      todo.push(found);
+    }
   }
   return [...libs].sort();
 }

@@ -38,7 +38,14 @@ export interface PoolOptions {
   exitGraceMs?: number;
   /** When set, the pool starts no worker and refuses every request with this error (fail closed). */
   blocked?: PhantomaError;
+  /** Start no worker until the first request (issue 15: models loaded lazily). */
+  lazy?: boolean;
+  /** After this long without a request, warm workers end and the pool holds none until the next (scale to zero). */
+  idleMs?: number;
 }
+
+/** For /v1/models: serving now, warming up, scaled to zero (starts on demand), or unable to start. */
+export type PoolState = 'ready' | 'starting' | 'idle' | 'unavailable';
 
 export interface JobResult {
   finishReason: FinishReason;
@@ -93,6 +100,10 @@ export interface WorkerPool {
   stats(): PoolStats;
   /** Why the pool cannot serve right now, or undefined when it can. */
   notReadyReason(): string | undefined;
+  /** ready/starting/idle (scaled to zero or lazy, not yet used)/unavailable. */
+  state(): PoolState;
+  /** Warm workers the pool is filling to right now: 0 while scaled to zero. */
+  warmTarget(): number;
   /** Every live worker with its state (tests and diagnostics). */
   workers(): Array<{ id: string; pid: number | undefined; state: WorkerState }>;
   close(): Promise<void>;
@@ -121,6 +132,21 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
   let consecutiveFailures = 0;
   let lastStartError: string | undefined;
   let backoffTimer: NodeJS.Timeout | undefined;
+  // Scaled to zero: no worker is kept warm until the next acquire (lazy pools start this way).
+  let scaledDown = opts.lazy === true;
+  let idleTimer: NodeJS.Timeout | undefined;
+  const armIdle = (): void => {
+    if (opts.idleMs === undefined || closed) return;
+    clearTimeout(idleTimer);
+    idleTimer = setTimeout(() => {
+      idleTimer = undefined;
+      if (active > 0 || queue.length > 0 || closed) return armIdle();
+      scaledDown = true;
+      log.info({ idleMs: opts.idleMs }, 'pool idle: scaling to zero');
+      for (const w of workers.values()) if (w.state === 'ready') void w.handle.kill();
+    }, opts.idleMs);
+    idleTimer.unref();
+  };
   const exitGraceMs = opts.exitGraceMs ?? 2000;
 
   function count(state: WorkerState): number {
@@ -140,6 +166,11 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
         if (m.type === 'ready') {
           w.ready = m;
           w.state = 'ready';
+          // Scaled to zero while it was starting: it is not wanted any more.
+          if (scaledDown) {
+            void handle.kill();
+            return;
+          }
           consecutiveFailures = 0;
           lastStartError = undefined;
           opts.observer?.workerStarted?.(opts.spec.modelName, performance.now() - spawnedAt, handle.id);
@@ -189,7 +220,7 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
   }
 
   function refill(): void {
-    if (closed || backoffTimer || opts.blocked) return;
+    if (closed || backoffTimer || opts.blocked || scaledDown) return;
     // A worker warming up (model load, first decode) takes a core from the request being answered: on
     // 2 cores it halved decoding (measured). So while a job runs and another worker is ready, the refill
     // waits until the job ends; with none ready it starts at once, or the next request would wait.
@@ -214,6 +245,7 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
         opts.observer?.workerEnded?.(opts.spec.modelName, outcome, w.handle.id, endMs, end ? end.verified : true, end?.error);
         dispatch();
         refill();
+        armIdle();
         return { verified: end ? end.verified : true, ms: end ? end.ms : endMs };
       })();
       return ended;
@@ -305,10 +337,18 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
       started = false;
       refill();
       started = true;
+      armIdle();
     },
     acquire(signal) {
       if (opts.blocked) return Promise.reject(opts.blocked);
       if (closed) return Promise.reject(new PhantomaError(ERRORS.NOT_READY, 'the node is shutting down'));
+      armIdle();
+      if (scaledDown) {
+        // On demand: warm the pool again; this request waits for the first worker.
+        scaledDown = false;
+        log.info('pool scaled up on demand');
+        refill();
+      }
       const lease = queue.length === 0 ? takeReady() : undefined;
       if (lease) {
         refill();
@@ -339,9 +379,17 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
       });
     },
     stats: () => ({ starting: count('starting'), ready: count('ready'), busy: count('busy'), queued: queue.length }),
+    state() {
+      if (closed || opts.blocked || (lastStartError !== undefined && count('ready') === 0 && count('starting') === 0)) return 'unavailable';
+      if (count('ready') > 0 || active > 0) return 'ready';
+      return scaledDown ? 'idle' : 'starting';
+    },
+    warmTarget: () => (scaledDown || opts.blocked ? 0 : opts.size),
     notReadyReason() {
       if (closed) return 'shutting down';
       if (opts.blocked) return opts.blocked.message;
+      // Scaled to zero serves on demand: not a reason to take the node out of rotation.
+      if (scaledDown) return undefined;
       if (count('ready') > 0 || active > 0) return undefined;
       if (lastStartError) return `model ${opts.spec.modelName}: no worker could start (${lastStartError})`;
       return `model ${opts.spec.modelName}: no warm worker yet (${count('starting')} starting)`;
@@ -350,6 +398,7 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
     async close() {
       closed = true;
       clearTimeout(backoffTimer);
+      clearTimeout(idleTimer);
       for (const q of queue.splice(0)) q.reject(new PhantomaError(ERRORS.NOT_READY, 'the node is shutting down'));
       await Promise.all([...workers.values()].map((w) => w.handle.kill()));
     },

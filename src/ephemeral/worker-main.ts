@@ -10,6 +10,7 @@ import { parseEnvelope } from '../sealed/envelope.ts';
 import { deriveSessionKeys, openBody, createChunkSealer } from '../sealed/seal.ts';
 import { jobFromSealedBody, encodeEvent, type SealedEvent } from '../sealed/inner.ts';
 import { createKeydClient } from '../vault/keyd-client.ts';
+import { warmSealedPath } from '../sealed/warm.ts';
 import type { LlamaContext, ChatWrapper } from 'node-llama-cpp';
 import type { ToolCall } from './worker-protocol.ts';
 
@@ -57,6 +58,8 @@ async function main(): Promise<void> {
     await generateCompletion(context, 'warm-up', { maxTokens: 1, seed: 0, temperature: 0 });
   }
 
+  // A worker that may get a sealed job warms that path too (src/sealed/warm.ts), on throwaway bytes.
+  if (spec.keydSocket && spec.warmup !== false) warmSealedPath(spec.modelName, context.contextSize);
   // An idle warm worker should hold only what serving needs: collect the garbage of loading and warm-up,
   // then hand glibc's freed arena pages back (≈10 MiB per worker on the bench model; the pool holds several).
   (globalThis as { gc?: () => void }).gc?.();

@@ -24,12 +24,17 @@ import {
   usageObject,
   finishReason,
   errorBody,
+  toolCallsOut,
 } from './openai.ts';
+import { registerEmbeddingsRoute } from './embeddings.ts';
+import type { ToolCall } from '../ephemeral/worker-protocol.ts';
 
 export interface ServedModel {
   name: string;
   contextLength: number;
   pool: WorkerPool;
+  /** The model's embedding width (GGUF embedding_length), what /v1/embeddings returns. */
+  embeddingLength?: number;
 }
 
 export interface GatewayDeps {
@@ -56,6 +61,9 @@ declare module 'fastify' {
     logFields?: Record<string, unknown>;
   }
 }
+
+/** Characters of tool-call arguments per streamed delta. */
+const TOOL_ARGUMENTS_PIECE = 32;
 
 const RETRY_AFTER_SECONDS: Partial<Record<string, number>> = {
   [ERRORS.QUEUE_FULL.code]: 2,
@@ -248,7 +256,16 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
 
   app.get('/v1/models', async () => ({
     object: 'list',
-    data: deps.models.map((m) => ({ id: m.name, object: 'model', created: 0, owned_by: 'phantoma', context_length: m.contextLength })),
+    data: deps.models.map((m) => ({
+      id: m.name,
+      object: 'model',
+      created: 0,
+      owned_by: 'phantoma',
+      context_length: m.contextLength,
+      ...(m.embeddingLength ? { embedding_length: m.embeddingLength } : {}),
+      // ready, starting, idle (scaled to zero or lazy: starts on the next request) or unavailable
+      state: m.pool.state(),
+    })),
   }));
 
   function modelFor(name: string): ServedModel {
@@ -335,15 +352,17 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
 
     if (!body.stream) {
       const parts: string[] = [];
-      const result = await lease.run(job, { onChunk: (t) => parts.push(t), signal, timeoutMs });
+      let calls: ToolCall[] | undefined;
+      const result = await lease.run(job, { onChunk: (t) => parts.push(t), onToolCalls: (c) => (calls = c), signal, timeoutMs });
       observe(served.name, result);
       request.logFields = { ...request.logFields, ...resultFields(result) };
       const text = parts.join('');
       parts.length = 0;
       const usage = usageObject(result.usage);
       const fr = finishReason(result.finishReason);
+      const message = calls ? { role: 'assistant', content: text === '' ? null : text, refusal: null, tool_calls: toolCallsOut(calls) } : { role: 'assistant', content: text, refusal: null };
       return shape === 'chat'
-        ? { id, object: 'chat.completion', created, model: served.name, choices: [{ index: 0, message: { role: 'assistant', content: text, refusal: null }, logprobs: null, finish_reason: fr }], usage }
+        ? { id, object: 'chat.completion', created, model: served.name, choices: [{ index: 0, message, logprobs: null, finish_reason: fr }], usage }
         : { id, object: 'text_completion', created, model: served.name, choices: [{ index: 0, text, logprobs: null, finish_reason: fr }], usage };
     }
 
@@ -366,7 +385,15 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
     if (shape === 'chat') event(delta(undefined, null, true));
     let status = 200;
     try {
-      const result = await lease.run(job, { onChunk: (t) => t !== '' && event(delta(t, null)), signal, timeoutMs });
+      // Tool calls stream as OpenAI's deltas: the first names the call, the arguments follow in pieces.
+      const onToolCalls = (calls: ToolCall[]): void => {
+        calls.forEach((c, index) => {
+          const call = (f: Record<string, unknown>): unknown => ({ ...base, choices: [{ index: 0, delta: { tool_calls: [{ index, ...f }] }, logprobs: null, finish_reason: null }] });
+          event(call({ id: c.id, type: 'function', function: { name: c.name, arguments: '' } }));
+          for (let at = 0; at < c.arguments.length; at += TOOL_ARGUMENTS_PIECE) event(call({ function: { arguments: c.arguments.slice(at, at + TOOL_ARGUMENTS_PIECE) } }));
+        });
+      };
+      const result = await lease.run(job, { onChunk: (t) => t !== '' && event(delta(t, null)), onToolCalls, signal, timeoutMs });
       observe(served.name, result);
       request.logFields = { ...request.logFields, ...resultFields(result) };
       event(delta(undefined, finishReason(result.finishReason)));
@@ -385,6 +412,7 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
     return reply;
   }
 
+  registerEmbeddingsRoute(app as unknown as FastifyInstance, { modelFor, takeConcurrencySlot, disconnectSignal, requestTimeoutMs: config.requestTimeoutMs });
   app.post('/v1/chat/completions', { schema: { body: ChatCompletionRequest } }, (request, reply) => serve(request, reply, 'chat', request.body as ChatCompletionRequest));
   app.post('/v1/completions', { schema: { body: CompletionRequest } }, (request, reply) => serve(request, reply, 'completion', request.body as CompletionRequest));
 

@@ -107,6 +107,8 @@ export const ChatCompletionRequest = Type.Object(
     tools: Type.Optional(Nullable(Type.Array(Tool, { minItems: 1, maxItems: 128 }))),
     tool_choice: Type.Optional(Nullable(ToolChoiceIn)),
     parallel_tool_calls: Type.Optional(Nullable(Type.Boolean())),
+    logprobs: Type.Optional(Nullable(Type.Boolean())),
+    top_logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 20 }))),
   },
   { additionalProperties: false },
 );
@@ -116,6 +118,7 @@ export const CompletionRequest = Type.Object(
   {
     ...commonSampling,
     prompt: Type.Union([Type.String(), Type.Array(Type.String(), { minItems: 1, maxItems: 1 })]),
+    logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 5 }))),
   },
   { additionalProperties: false },
 );
@@ -238,6 +241,12 @@ function samplingFrom(body: ChatCompletionRequest | CompletionRequest, maxTokens
     if (v !== undefined && v !== null && v !== 0) {
       throw new PhantomaError(ERRORS.UNSUPPORTED_PARAMETER, `${p} is not supported yet (only 0)`, { details: { param: p } });
     }
+  }
+  // node-llama-cpp 3.21 gives token probabilities only to its low-level evaluate loop, not to the chat and
+  // completion generators the workers use (docs/architecture.md): refused clearly rather than ignored.
+  const b = body as { logprobs?: boolean | number | null; top_logprobs?: number | null };
+  if ((b.logprobs !== undefined && b.logprobs !== null && b.logprobs !== false && b.logprobs !== 0) || (b.top_logprobs ?? 0) > 0) {
+    throw new PhantomaError(ERRORS.UNSUPPORTED_PARAMETER, 'logprobs are not supported yet', { details: { param: b.top_logprobs ? 'top_logprobs' : 'logprobs' } });
   }
   const max = maxTokens ?? Math.min(DEFAULT_MAX_TOKENS, contextSize);
   if (max >= contextSize) {

@@ -1,6 +1,8 @@
 // The gateway's view of who may send sealed requests and which request keys are current: public data
-// from keyd (its `registry` op), refreshed at most every ttlMs so a revocation or a rotation takes
-// effect within a second without asking keyd on every request.
+// from keyd (its `registry` op). A request never waits for keyd while the copy is younger than maxAgeMs:
+// past refreshAfterMs it is refreshed in the background (one more process hop on the request's path cost
+// tens of ms on a loaded 2-core machine); past maxAgeMs the request waits for a fresh copy. So a revocation
+// or a rotation reaches the gateway within maxAgeMs (5 s) at most, usually within refreshAfterMs.
 import { ed25519PublicKeyObject } from '../vault/contents.ts';
 import type { KeydRegistry } from '../vault/keyd-client.ts';
 import type { KnownClient, KnownRequestKey } from '../sealed/envelope.ts';
@@ -11,8 +13,9 @@ export interface SealedRegistry {
   lookupKey(keyId: string): KnownRequestKey | undefined;
 }
 
-export function createSealedRegistry(deps: { fetch: () => Promise<KeydRegistry>; ttlMs?: number; clock?: () => number }): SealedRegistry {
-  const ttl = deps.ttlMs ?? 1000;
+export function createSealedRegistry(deps: { fetch: () => Promise<KeydRegistry>; refreshAfterMs?: number; maxAgeMs?: number; clock?: () => number }): SealedRegistry {
+  const refreshAfter = deps.refreshAfterMs ?? 250;
+  const maxAge = deps.maxAgeMs ?? 5000;
   const clock = deps.clock ?? Date.now;
   let clients = new Map<string, KnownClient>();
   let keys = new Map<string, KnownRequestKey>();
@@ -20,7 +23,8 @@ export function createSealedRegistry(deps: { fetch: () => Promise<KeydRegistry>;
   let pending: Promise<void> | undefined;
   return {
     refresh() {
-      if (clock() - at < ttl) return Promise.resolve();
+      const age = clock() - at;
+      if (age < refreshAfter) return Promise.resolve();
       pending ??= deps
         .fetch()
         .then((r) => {
@@ -29,6 +33,11 @@ export function createSealedRegistry(deps: { fetch: () => Promise<KeydRegistry>;
           at = clock();
         })
         .finally(() => (pending = undefined));
+      // Young enough: answer from the copy now; a failed background refresh is retried by the next request.
+      if (age < maxAge) {
+        pending.catch(() => undefined);
+        return Promise.resolve();
+      }
       return pending;
     },
     lookupClient: (name) => clients.get(name),

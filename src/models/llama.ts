@@ -206,11 +206,30 @@ async function grammarFor(context: LlamaContext, s: ChatStructure): Promise<Llam
   if (s.tools && s.toolChoice && s.toolChoice !== 'auto') {
     const choice = s.toolChoice;
     const chosen = choice === 'required' ? s.tools : s.tools.filter((t) => t.name === choice.name);
-    return llama.createGrammarForJsonSchema(toolCallSchema(chosen) as never);
+    return tightenJsonGrammar(llama, await llama.createGrammarForJsonSchema(toolCallSchema(chosen) as never));
   }
   if (s.responseFormat?.type === 'json_object') return llama.getGrammarFor('json');
-  if (s.responseFormat?.type === 'json_schema') return llama.createGrammarForJsonSchema(s.responseFormat.schema as never);
+  if (s.responseFormat?.type === 'json_schema') return tightenJsonGrammar(llama, await llama.createGrammarForJsonSchema(s.responseFormat.schema as never));
   return undefined;
+}
+
+/**
+ * Tightens node-llama-cpp's JSON-schema grammar where it admits text that parses but does not validate:
+ * - length-bounded strings (minLength/maxLength) take printable ASCII and JSON escapes only: the grammar
+ *   admits byte tokens that leave a character's UTF-8 incomplete, which detokenise to several U+FFFD and
+ *   outgrow the bound (an escape such as \u00e9 still gives any character, counted once);
+ * - integers have no exponent (5e-3 is not an integer), and exponents have at most two digits (1e9999
+ *   parses as Infinity).
+ */
+async function tightenJsonGrammar(llama: Llama, g: LlamaGrammar): Promise<LlamaGrammar> {
+  const exponent = '([eE] [-+]? [0-9] [0-9]?)?';
+  const grammar =
+    g.grammar
+      .replaceAll('( string-char-rule ){', '( string-ascii-char-rule ){')
+      .replace(/^integer-number-rule ::= .*$/m, 'integer-number-rule ::= "-"? ("0" | [1-9] [0-9]{0,15})')
+      .replace(/^fractional-number-rule ::= .*$/m, `fractional-number-rule ::= "-"? ("0" | [1-9] [0-9]{0,15}) ("." [0-9]{1,16})? ${exponent}`) +
+    '\nstring-ascii-char-rule ::= [ !#-\\[\\]-~] | "\\\\" ["\\\\/bfnrt] | "\\\\u" [0-9a-fA-F]{4}\n';
+  return llama.createGrammar({ grammar, stopGenerationTriggers: g.stopGenerationTriggers, trimWhitespaceSuffix: g.trimWhitespaceSuffix });
 }
 
 /** One chat completion on a fresh context sequence; the sequence is disposed afterwards. */

@@ -79,6 +79,9 @@ interface Header {
   total?: number | null;
 }
 
+/** Bound on the helper's start-up and connect, before any body byte (a loaded host starts Node slowly). */
+const START_TIMEOUT_MS = 20_000;
+
 type Outcome = { kind: 'complete' } | { kind: 'short' };
 
 /** One run of the helper; appends to fd from `offset`. Resolves on body end; rejects with a coded error. */
@@ -108,9 +111,12 @@ function runOnce(o: {
       if (err) reject(err);
       else resolve(out!);
     };
+    // Until the helper's header arrives (warden spawn, runtime start, connect) the bound is generous; from
+    // then on, no byte for stallMs is a stall.
     const arm = (): void => {
       clearTimeout(stall);
-      stall = setTimeout(() => finish(new PhantomaError(ERRORS.MODEL_PULL_STALLED, `no data from ${o.url} for ${o.stallMs} ms`)), o.stallMs);
+      const ms = phase === 'body' ? o.stallMs : Math.max(o.stallMs, START_TIMEOUT_MS);
+      stall = setTimeout(() => finish(new PhantomaError(ERRORS.MODEL_PULL_STALLED, `no data from ${o.url} for ${ms} ms`)), ms);
     };
     arm();
     const line = (): string | undefined => {
@@ -163,6 +169,7 @@ function runOnce(o: {
           return finish(err as Error);
         }
         phase = 'body';
+        arm();
         const rest = buf;
         buf = Buffer.alloc(0);
         body(rest);
@@ -174,7 +181,7 @@ function runOnce(o: {
       const total = o.expectedTotal();
       finish(undefined, total !== null && pos === total ? { kind: 'complete' } : { kind: 'short' });
     });
-    socket.write(encodeRequest(['DOWNLOAD', randomBytes(8).toString('hex'), o.url, o.address, String(o.offset), String(o.stallMs)]));
+    socket.write(encodeRequest(['DOWNLOAD', randomBytes(8).toString('hex'), o.url, o.address, String(o.offset), String(o.stallMs * 2)])); // the caller's stall timer decides; the helper's is a backstop
   });
 }
 

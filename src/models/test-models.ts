@@ -40,6 +40,21 @@ export const TEST_MODELS: Readonly<Record<string, TestModelSpec>> = Object.freez
     matrixType: GgmlType.F16,
     tiedEmbeddings: false,
   },
+  // A second small model with its own widths (issue 15): several models at once are told apart by their
+  // vocabulary and embedding sizes.
+  'tiny-wide': {
+    name: 'tiny-wide',
+    seed: 3,
+    vocabSize: 1536,
+    embedding: 192,
+    layers: 2,
+    heads: 4,
+    kvHeads: 2,
+    feedForward: 512,
+    contextLength: 2048,
+    matrixType: GgmlType.F16,
+    tiedEmbeddings: false,
+  },
   // Realistic widths (Llama 3.2 1B's hidden size, heads and FFN) with fewer layers, F16 so the prebuilt
   // CPU backend maps weights from the page cache instead of repacking a private copy per process.
   bench: {

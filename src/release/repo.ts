@@ -252,9 +252,10 @@ export function signTimestamp(o: { dir: string; key: PrivateKeyFile; clock?: Clo
 
 /**
  * Publishes the staged targets: refuses unless the newest root's targets threshold of maintainer keys
- * signed it (release_threshold_not_met), then writes targets.json, a new snapshot and a new timestamp.
+ * signed it (release_threshold_not_met), then writes targets.json, a new snapshot and (given the key) a new
+ * timestamp.
  */
-export function publish(o: { dir: string; snapshotKey: PrivateKeyFile; timestampKey: PrivateKeyFile; clock?: Clock }): { targetsVersion: number; snapshotVersion: number } {
+export function publish(o: { dir: string; snapshotKey: PrivateKeyFile; timestampKey?: PrivateKeyFile; clock?: Clock }): { targetsVersion: number; snapshotVersion: number } {
   const now = (o.clock ?? Date.now)();
   const rootMd = latestRoot(o.dir);
   const root = rootMd.signed;
@@ -265,7 +266,7 @@ export function publish(o: { dir: string; snapshotKey: PrivateKeyFile; timestamp
     throw new PhantomaError(ERRORS.RELEASE_THRESHOLD_NOT_MET, `the staged targets carry ${valid} valid maintainer signature(s); ${threshold} are needed; nothing was published`, { details: { valid, threshold } });
   }
   if (!root.roles.snapshot!.keyIDs.includes(o.snapshotKey.keyid)) throw new PhantomaError(ERRORS.RELEASE_KEY_INVALID, 'the snapshot key is not the root\'s snapshot key');
-  if (!root.roles.timestamp!.keyIDs.includes(o.timestampKey.keyid)) throw new PhantomaError(ERRORS.RELEASE_KEY_INVALID, 'the timestamp key is not the root\'s timestamp key');
+  if (o.timestampKey && !root.roles.timestamp!.keyIDs.includes(o.timestampKey.keyid)) throw new PhantomaError(ERRORS.RELEASE_KEY_INVALID, 'the timestamp key is not the root\'s timestamp key');
   writeMeta(join(o.dir, 'metadata', 'targets.json'), staged);
   const prevSnap = existsSync(join(o.dir, 'metadata', 'snapshot.json')) ? readMeta(o.dir, MetadataKind.Snapshot).signed.version : 0;
   const snapshot = new Snapshot({
@@ -277,7 +278,9 @@ export function publish(o: { dir: string; snapshotKey: PrivateKeyFile; timestamp
     meta: { 'targets.json': new MetaFile({ version: staged.signed.version }) },
   });
   writeMeta(join(o.dir, 'metadata', 'snapshot.json'), signMeta(snapshot, o.snapshotKey));
-  signTimestamp({ dir: o.dir, key: o.timestampKey, clock: o.clock ?? Date.now });
+  // Without the timestamp key (it lives on the control plane) the control plane's re-signer picks up the
+  // new snapshot on its next round.
+  if (o.timestampKey) signTimestamp({ dir: o.dir, key: o.timestampKey, clock: o.clock ?? Date.now });
   return { targetsVersion: staged.signed.version, snapshotVersion: snapshot.version };
 }
 

@@ -55,6 +55,10 @@ async function httpGet(u: URL, o: RepoFetcherOptions): Promise<http.IncomingMess
   const responded = once(req, 'response') as Promise<[http.IncomingMessage]>;
   req.end();
   const [res] = await responded;
+  // Later errors (a timeout mid-body, a reset) reach the reader through the response stream.
+  req.removeAllListeners('timeout');
+  req.on('error', (err) => res.destroy(err));
+  res.setTimeout(timeoutMs, () => res.destroy(Object.assign(new Error('timed out'), { code: 'ETIMEDOUT' })));
   if (res.statusCode !== 200) {
     res.destroy();
     throw new DownloadHTTPError(`${u.pathname}: HTTP ${res.statusCode}`, res.statusCode ?? 0);

@@ -188,16 +188,21 @@ export async function installIntoInactiveSlot(root: string, tarball: string, exp
   if (state.trial) throw new PhantomaError(ERRORS.UPDATE_INSTALL_FAILED, `slot ${state.trial.slot} is still on trial; wait for its outcome`);
   const running = currentSlot(root);
   const target = otherSlot(running);
-  const dir = slotDir(root, target);
-  rmSync(dir, { recursive: true, force: true });
+  // Unpacked and checked beside the slots first: a refused release leaves both slots as they were.
+  const staging = join(root, 'slots', '.incoming');
+  rmSync(staging, { recursive: true, force: true });
   let manifest: Manifest;
   try {
-    manifest = await extractRelease(tarball, dir);
+    manifest = await extractRelease(tarball, staging);
     if (manifest.version !== expectedVersion) throw mismatch(`the manifest says ${manifest.version}, the signed target says ${expectedVersion}`);
-    writeAtomic(join(dir, SLOT_INFO), JSON.stringify({ version: manifest.version }) + '\n');
-  } catch (err) {
+    writeAtomic(join(staging, SLOT_INFO), JSON.stringify({ version: manifest.version }) + '\n');
+    const dir = slotDir(root, target);
     rmSync(dir, { recursive: true, force: true });
-    throw err;
+    renameSync(staging, dir);
+  } catch (err) {
+    rmSync(staging, { recursive: true, force: true });
+    if (err instanceof PhantomaError) throw err;
+    throw new PhantomaError(ERRORS.UPDATE_INSTALL_FAILED, `could not install into slot ${target}: ${(err as Error).message}`, { cause: err });
   }
   rmSync(join(root, 'trial-ok'), { force: true });
   const trial: TrialState = { slot: target, version: manifest.version, previous: running, startedAt: new Date(clock()).toISOString(), deadlineMs: trialMs };
@@ -231,7 +236,8 @@ export function concludeTrial(root: string, good: boolean, code?: string): Updat
     next = { current: trial.slot, previous: trial.previous, last: { result: 'installed', version: trial.version, at } };
   } else {
     switchCurrent(root, trial.previous);
-    next = { current: trial.previous, previous: trial.slot, last: { result: 'rolled_back', version: trial.version, code: code ?? ERRORS.UPDATE_TRIAL_FAILED.code, at } };
+    // No `previous`: the failed slot is not something to roll back to.
+    next = { current: trial.previous, last: { result: 'rolled_back', version: trial.version, code: code ?? ERRORS.UPDATE_TRIAL_FAILED.code, at } };
   }
   writeState(root, next);
   rmSync(join(root, 'trial-ok'), { force: true });
@@ -248,4 +254,20 @@ export function rollbackToPrevious(root: string): UpdateState {
   const next: UpdateState = { current: prev, previous: from, last: { result: 'manual_rollback', version: slotVersion(root, prev)!, at: new Date().toISOString() } };
   writeState(root, next);
   return next;
+}
+
+/**
+ * Called by the node once it serves: if the slot it runs from is on trial, it marks the trial good (the
+ * supervisor then keeps it). A node outside an A/B layout (development, tests) finds no state and does
+ * nothing. Returns the version marked, if any.
+ */
+export function markGoodIfOnTrial(root: string, runningFrom: string = process.argv[1] ?? ''): string | undefined {
+  if (!existsSync(join(root, 'update-state.json'))) return undefined;
+  const trial = readState(root).trial;
+  if (!trial) return undefined;
+  // Only the release in the trial slot may vouch for itself.
+  if (!runningFrom.startsWith(`${slotDir(root, trial.slot)}/`) && !runningFrom.startsWith(`${join(root, 'current')}/`)) return undefined;
+  if (currentSlot(root) !== trial.slot) return undefined;
+  markTrialGood(root, trial.slot, trial.version);
+  return trial.version;
 }

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { Updater } from 'tuf-js';
 import { Metadata, MetadataKind, type Root, type TargetFile } from '@tufjs/models';
 import { UnsignedMetadataError, LengthOrHashMismatchError, RepositoryError as ModelsRepositoryError } from '@tufjs/models/dist/error.js';
-import { BadVersionError, ExpiredMetadataError, DownloadLengthMismatchError, DownloadError, RepositoryError } from 'tuf-js/dist/error.js';
+import { BadVersionError, ExpiredMetadataError, DownloadLengthMismatchError, DownloadError, RepositoryError, RuntimeError } from 'tuf-js/dist/error.js';
 import { bundleFromJSON } from '@sigstore/bundle';
 import { Verifier, toSignedEntity, VerificationError, type TrustMaterial } from '@sigstore/verify';
 import { PhantomaError, ERRORS } from '../errors.ts';
@@ -177,15 +177,53 @@ export async function listReleases(trust: UpdateTrust): Promise<Array<{ name: st
     .sort((a, b) => compareVersions(b.version, a.version));
 }
 
+type Recorder = { last?: unknown };
+
+/**
+ * tuf-js 6.0.2 wraps every snapshot and targets failure in a RuntimeError whose message only quotes the
+ * original; the original's class is what names the attack. So the trusted-metadata store's two update
+ * methods are wrapped on this one instance to keep the original error (tuf-js is pinned exactly).
+ */
+function recordErrors(updater: Updater, fetcher: RepoFetcher, rec: Recorder): void {
+  const set = (updater as unknown as { trustedSet?: Record<string, unknown> }).trustedSet;
+  for (const name of ['updateSnapshot', 'updateDelegatedTargets', 'updateTimestamp', 'updateRoot']) {
+    const fn = set?.[name];
+    if (typeof fn !== 'function') continue;
+    set![name] = function (this: unknown, ...args: unknown[]) {
+      try {
+        return (fn as (...a: unknown[]) => unknown).apply(this, args);
+      } catch (err) {
+        rec.last = err;
+        throw err;
+      }
+    };
+  }
+  const download = fetcher.downloadBytes.bind(fetcher);
+  fetcher.downloadBytes = async (url: string, max: number) => {
+    try {
+      return await download(url, max);
+    } catch (err) {
+      rec.last = err;
+      throw err;
+    }
+  };
+}
+
+function original(err: unknown, rec: Recorder): unknown {
+  return err instanceof RuntimeError && /^Unable to load/.test(err.message) && rec.last ? rec.last : err;
+}
+
 async function refreshed(trust: UpdateTrust): Promise<{ updater: Updater; fetcher: RepoFetcher }> {
   const fetcher = new RepoFetcher(trust.repository.fetcher);
   const root = base(trust.repository.url);
+  const rec: Recorder = {};
   let updater: Updater;
   try {
     updater = new Updater({ metadataDir: trust.metadataDir, metadataBaseUrl: `${root}metadata`, targetBaseUrl: `${root}targets`, fetcher, config: { ...TUF_LIMITS } });
+    recordErrors(updater, fetcher, rec);
     await updater.refresh();
   } catch (err) {
-    throw tufFailure(err, 'TUF metadata refused', 'metadata');
+    throw tufFailure(original(err, rec), 'TUF metadata refused', 'metadata');
   }
   return { updater, fetcher };
 }

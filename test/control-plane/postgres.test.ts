@@ -40,7 +40,7 @@ t.test('both instances run on the real server, migrated once', async (t) => {
   t.equal(a.cp.db.kind, 'postgres');
   t.equal(b.cp.db.kind, 'postgres');
   const rows = await a.cp.db.query<{ name: string }>('SELECT name FROM schema_migrations');
-  t.same(rows.map((r) => r.name), ['001_init.sql']);
+  t.same(rows.map((r) => r.name).sort(), ['001_init.sql', '010_update_timestamp.sql']);
   t.equal(a.cp.fingerprint, b.cp.fingerprint, 'one lease key, one pin for the fleet');
 });
 

@@ -71,7 +71,8 @@ export async function startTestNode(overrides: Record<string, unknown> = {}): Pr
     async waitReady(timeoutMs = 60_000) {
       const deadline = Date.now() + timeoutMs;
       for (;;) {
-        const full = node.models.every((m) => m.pool.stats().ready >= r.config.pool.size);
+        // Each pool to its own warm size (per-model pool.size; 0 while a lazy pool is unused, issue 15).
+        const full = node.models.every((m) => m.pool.stats().ready >= m.pool.warmTarget());
         if (full) return;
         if (Date.now() > deadline) throw new Error(`pool not full after ${timeoutMs} ms: ${JSON.stringify(node.models.map((m) => m.pool.stats()))}`);
         await new Promise((res) => setTimeout(res, 50));

@@ -3,7 +3,7 @@
 // it; `model remove` takes it away again. Also: the node started its warden with the download helper, and
 // its window keeper runs (an expired window left in the state directory is closed at start, audited).
 import t from 'tap';
-import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { startTestNode, until, type TestNode } from '../gateway/fixture.ts';
@@ -53,8 +53,9 @@ t.test('an expired window left in the state directory is closed when the node st
   const pre = mkdtempSync(join(tmpdir(), 'phantoma-node-'));
   writeFileSync(windowPath(pre), JSON.stringify({ v: 1, id: 'deadbeefdeadbeef', by: 'operator', openedAt: Date.now() - 5000, until: Date.now() - 1000, targets: [], entries: [{ proto: 'tcp', cidr: '127.0.0.2/32', port: 443 }] }));
   n = await startTestNode({ stateDir: pre, pool: { size: 1, maxActive: 1 } });
-  t.notOk((await import('node:fs')).existsSync(windowPath(n.stateDir)), 'the window file is gone');
-  const ev = tailAuditLog(auditDirOf({ stateDir: n.stateDir }), 200).filter((e) => e.type === 'egress_window_closed');
+  t.teardown(() => rmSync(pre, { recursive: true, force: true })); // the fixture removes only its own dir
+  t.notOk(existsSync(windowPath(pre)), 'the window file is gone');
+  const ev = tailAuditLog(auditDirOf({ stateDir: pre }), 200).filter((e) => e.type === 'egress_window_closed');
   t.match(ev[0], { windowId: 'deadbeefdeadbeef', reason: 'expired_at_start' }, 'closed at start, audited');
   t.same(n.node.egress?.lastStatus()?.downloadAllow ?? [], [], 'the download allowlist is empty');
 });

@@ -10,12 +10,15 @@ import { createHash, randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { ROOT, tinyModelPath } from '../helpers.ts';
-import { attemptCgroup, buildAll, cleanupWardenLeftovers, createNetns, runAttempt, startListener, startWarden, subscribe, tempDir, type Listener, type Netns, type Warden } from '../egress/rig.ts';
+import { attemptCgroup, buildAll, cleanupWardenLeftovers, createNetns, runAttempt, startListener, startWarden, subscribe, tempDir, TAGS_FILE, type Listener, type Netns, type Warden } from '../egress/rig.ts';
 import { pullModel, type PullOptions } from '../../src/models/pull.ts';
 import { listModels, modelDirOf } from '../../src/models/store.ts';
 import { closeWindow, openWindow, readWindow, startWindowKeeper } from '../../src/egress/window.ts';
 import type { AuditEvent } from '../../src/audit/audit-events.ts';
 import { checkAuditEvent } from '../../src/audit/audit-events.ts';
+import { createEgressMonitor } from '../../src/egress/monitor.ts';
+import { loadExpectedTags } from '../../src/egress/policy.ts';
+import { createLogger } from '../../src/logger.ts';
 
 t.equal(process.getuid?.(), 0, 'runs as root (the warden loads BPF programs)');
 const dir = tempDir('phantoma-pull-');
@@ -91,6 +94,11 @@ async function withWindow<T>(allow: string[], forMs: number, fn: () => Promise<T
 t.test('without a window the pull is blocked in download/ (deny event); inside a window it completes, checksum verified', async (t) => {
   const events = await subscribe(w.egress);
   t.teardown(() => events.stream.close());
+  // The gateway's egress monitor, which turns deny events into audit entries (as src/main.ts wires it).
+  const denied: AuditEvent[] = [];
+  const monitor = createEgressMonitor({ mode: 'enforce', client: w.egress, expected: loadExpectedTags(TAGS_FILE), checkIntervalMs: 60_000, probeIntervalMs: 60_000, logger: createLogger({ level: 'silent' }), audit: (e) => denied.push(e) });
+  await monitor.start();
+  t.teardown(() => monitor.close());
   const url = `http://${ns.v4}:${PORT}/model.gguf`;
   const before = reqs('/model.gguf');
   await expectCode(t, pull({ url, sha256: ggufSha, name: 'blocked' }), 'model_pull_blocked', 'no window');
@@ -100,6 +108,9 @@ t.test('without a window the pull is blocked in download/ (deny event); inside a
   const ev = events.events.find((e) => e.set === 'download' && e.dst === ns.v4 && e.port === PORT);
   t.ok(ev, 'a deny event for download/ names the destination (the gateway audits these as egress_denied)');
   t.equal(ev?.hook, 'connect4');
+  const until = Date.now() + 3000;
+  while (!denied.some((e) => e.type === 'egress_denied') && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
+  t.match(denied.find((e) => e.type === 'egress_denied' && (e as { set?: string }).set === 'download'), { type: 'egress_denied', set: 'download', dst: ns.v4, port: PORT, proto: 'tcp', probe: false }, 'audited as egress_denied (set download)');
   assertClean(t, 'blocked');
 
   // positive control: the same pull inside a window that allows exactly this address and port
@@ -201,9 +212,10 @@ t.test('the window closes by its timer (keeper), audited; the allowed address is
   const keeper = await startWindowKeeper({ egress: w.egress, stateDir, audit: (e) => events.push(e), intervalMs: 100 });
   t.teardown(() => keeper.close());
   const url = `http://${ns.v4}:${PORT}/model.gguf`;
-  const st = await openWindow({ egress: w.egress, stateDir, forMs: 1500, allow: [`${ns.v4}:${PORT}`], by: 'operator' });
+  const st = await openWindow({ egress: w.egress, stateDir, forMs: 6000, allow: [`${ns.v4}:${PORT}`], by: 'operator' });
   await pull({ url, sha256: ggufSha, name: 'in-window' });
-  const deadline = Date.now() + 5000;
+  t.ok(Date.now() < st.until, 'the pull completed inside the window (positive control)');
+  const deadline = st.until + 5000;
   while (readWindow(stateDir) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
   t.notOk(readWindow(stateDir), 'the window file is gone');
   t.same((await w.egress.status()).downloadAllow, [], 'the allowlist is empty');
@@ -234,7 +246,7 @@ function startDaemon(): Promise<{ proc: ChildProcess; lines: object[] }> {
 t.test('a window opened, the daemon SIGKILLed and restarted after the deadline: closed at start', async (t) => {
   const d1 = await startDaemon();
   t.teardown(() => void d1.proc.kill('SIGKILL'));
-  const st = await openWindow({ egress: w.egress, stateDir, forMs: 1200, allow: [`${ns.v4}:${PORT}`], by: 'operator' });
+  const st = await openWindow({ egress: w.egress, stateDir, forMs: 3000, allow: [`${ns.v4}:${PORT}`], by: 'operator' });
   await d1.proc.stdin!.write(''); // keep it alive
   const until = Date.now() + 3000;
   while (!d1.lines.some((l) => (l as AuditEvent).type === 'egress_window_opened') && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
@@ -244,7 +256,8 @@ t.test('a window opened, the daemon SIGKILLed and restarted after the deadline: 
   t.same((await w.egress.status()).downloadAllow, [`tcp:${ns.v4}/32:${PORT}`], 'past the deadline with the daemon dead, the entry is still there (nothing else closes it)');
   const d2 = await startDaemon();
   t.teardown(() => void d2.proc.kill('SIGKILL'));
-  t.match(d2.lines[0], { type: 'egress_window_closed', windowId: st.id, reason: 'expired_at_start', entries: 1 }, 'the first thing the restarted daemon did: close the expired window');
+  // Lines before "ready" are what the keeper did in its start-up check (an opening it had not recorded yet may come first).
+  t.match(d2.lines.find((l) => (l as AuditEvent).type === 'egress_window_closed'), { type: 'egress_window_closed', windowId: st.id, reason: 'expired_at_start', entries: 1 }, 'in its start-up check, before anything else, the restarted daemon closed the expired window');
   t.same((await w.egress.status()).downloadAllow, [], 'the allowlist is empty');
   t.notOk(readWindow(stateDir));
   await expectCode(t, pull({ url: `http://${ns.v4}:${PORT}/model.gguf`, sha256: ggufSha, name: 'after-restart' }), 'model_pull_blocked', 'after the restart');
@@ -267,4 +280,29 @@ t.test('the warden refuses a DOWNLOAD without a fresh, well-formed id', async (t
   t.match(await ask(['DOWNLOAD', '../workers/x']), /^ERR cgroup_not_allowed /);
   t.match(await ask(['DOWNLOAD']), /^ERR bad_request /);
   t.match(await ask(['DOWNLOAD', 'aaaaaaaaaaaaaaaa', 'a\u0001b']), /^ERR bad_request /);
+});
+
+t.test('the CLI: egress window open/status/close, model pull --json (progress lines), model list, model remove', async (t) => {
+  const { runPhantoma } = await import('../helpers.ts');
+  const common = [`--stateDir=${stateDir}`, `--warden.socket=${w.socketPath}`];
+  const open = await runPhantoma(['egress', 'window', 'open', '--for', '30s', '--allow', `${ns.v4}:${PORT}`, '--json', ...common]);
+  t.equal(open.code, 0, open.stderr);
+  const win = JSON.parse(open.stdout) as { id: string; until: number };
+  t.ok(win.until > Date.now() + 20_000, 'deadline about 30 s out');
+  t.equal(readWindow(stateDir)?.id, win.id, 'persisted');
+  t.same((await w.egress.status()).downloadAllow, [`tcp:${ns.v4}/32:${PORT}`]);
+  const p = await runPhantoma(['model', 'pull', `http://${ns.v4}:${PORT}/model.gguf`, '--sha256', ggufSha, '--name', 'cli-pulled', '--json', ...common]);
+  t.equal(p.code, 0, p.stderr);
+  const lines = p.stdout.trim().split('\n').map((l) => JSON.parse(l) as { event: string; bytes?: number; total?: number; rate?: number; eta?: number | null; model?: { sha256: string } });
+  t.ok(lines.some((l) => l.event === 'progress' && typeof l.rate === 'number' && l.total !== undefined), 'progress lines with bytes, total, rate, eta');
+  t.equal(lines.at(-1)?.event, 'done');
+  t.equal(lines.at(-1)?.model?.sha256, ggufSha);
+  const list = await runPhantoma(['model', 'list', '--json', ...common]);
+  t.match(JSON.parse(list.stdout), [{ name: 'cli-pulled', sha256: ggufSha, quantisation: 'F16', contextLength: 4096, source: { kind: 'url' } }]);
+  const close = await runPhantoma(['egress', 'window', 'close', ...common]);
+  t.equal(close.code, 0, close.stderr);
+  t.same((await w.egress.status()).downloadAllow, [], 'closed');
+  const rm = await runPhantoma(['model', 'remove', 'cli-pulled', ...common]);
+  t.equal(rm.code, 0, rm.stderr);
+  t.same(listModels(modelDir), []);
 });
