@@ -300,7 +300,8 @@ export async function generateEmbeddings(
   inputs: readonly string[],
   opts: ContextOptions & { onEmbedding?: (index: number, vector: number[]) => void | Promise<void> },
 ): Promise<{ promptTokens: number }> {
-  const ctx = await model.createEmbeddingContext({ contextSize: opts.contextSize, batchSize: opts.batchSize, threads: opts.threads });
+  // One batch holds a whole input (an embedding is pooled over every token of it at once).
+  const ctx = await model.createEmbeddingContext({ contextSize: opts.contextSize, batchSize: Math.max(opts.batchSize, opts.contextSize), threads: opts.threads });
   let promptTokens = 0;
   try {
     for (let i = 0; i < inputs.length; i++) {

@@ -8,6 +8,7 @@ import { once } from 'node:events';
 import { join } from 'node:path';
 import { realpathSync } from 'node:fs';
 import { ERRORS } from '../errors.ts';
+import type { AuditEvent } from '../audit/audit-events.ts';
 import { concludeTrial, readState, slotVersion, trialMarkedGood, type SlotName } from './slots.ts';
 
 export interface SupervisorEvent {
@@ -26,6 +27,8 @@ export interface SupervisorOptions {
   env?: NodeJS.ProcessEnv;
   pollMs?: number;
   onEvent?: (e: SupervisorEvent) => void;
+  /** Where trial outcomes are recorded (the node's audit log). */
+  audit?: (e: AuditEvent) => void;
 }
 
 export interface Supervisor {
@@ -82,6 +85,7 @@ export function createSupervisor(o: SupervisorOptions): Supervisor {
       if (trialMarkedGood(o.root, trial)) {
         concludeTrial(o.root, true);
         emit({ type: 'trial_passed', version: trial.version, slot: trial.slot, ms: Date.now() - started });
+        o.audit?.({ type: 'update_trial', version: trial.version, slot: trial.slot, passed: true, ms: Date.now() - started });
         return;
       }
       const exited = c.exitCode !== null || c.signalCode !== null;
@@ -89,6 +93,8 @@ export function createSupervisor(o: SupervisorOptions): Supervisor {
       if (exited || late || stopping) {
         await kill();
         concludeTrial(o.root, false, ERRORS.UPDATE_TRIAL_FAILED.code);
+        o.audit?.({ type: 'update_trial', version: trial.version, slot: trial.slot, passed: false, ms: Date.now() - started });
+        o.audit?.({ type: 'update_rolled_back', from: trial.version, to: slotVersion(o.root, trial.previous) ?? 'unknown', manual: false });
         emit({ type: 'trial_failed', version: trial.version, slot: trial.slot, reason: exited ? 'exited' : stopping ? 'stopped' : 'not_ready_in_time', ms: Date.now() - started });
         if (!stopping) launch();
         return;

@@ -92,4 +92,9 @@ t.test('embeddings in-process: the model width, deterministic, unit length', asy
   t.ok(vectors.every((v) => v.length === model.embeddingVectorSize && v.length === 128));
   t.same(vectors[0], vectors[1]);
   t.ok(promptTokens > 3);
+  const long: number[][] = [];
+  await generateEmbeddings(model, ['word '.repeat(700)], { contextSize: 1024, threads: 1, batchSize: 128, onEmbedding: (i, v) => void (long[i] = v) });
+  t.equal(long[0]?.length, 128, 'an input longer than the batch size is embedded whole');
+  const err = await generateEmbeddings(model, ['word '.repeat(700)], { contextSize: 256, threads: 1, batchSize: 128 }).catch((e: unknown) => e);
+  t.ok(isPhantomaError(err) && err.code === 'context_length_exceeded', 'longer than the context: refused with its code');
 });

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { runReleaseCli } from '../../src/release/cli.ts';
 import { runCli } from '../../src/cli/main.ts';
-import { initSlots } from '../../src/updates/slots.ts';
+import { initSlots, markGoodIfOnTrial } from '../../src/updates/slots.ts';
 import { ROOT } from '../helpers.ts';
 import { makeRelease } from './fixture.ts';
 
@@ -93,6 +93,9 @@ t.test('phantoma update status|check|apply|rollback against a repository directo
   t.equal(apply.code, 0, apply.err);
   t.match(JSON.parse(apply.out), { version: '0.2.0', slot: 'b' });
   t.match((await run('status')).out, /running 0\.2\.0 from slot b; slot b \(0\.2\.0\) is on trial/);
+  t.equal(markGoodIfOnTrial(nodeRoot, '/somewhere/else/main.ts'), undefined, 'only the release in the trial slot vouches for itself');
+  t.equal(markGoodIfOnTrial(nodeRoot, join(nodeRoot, 'current', 'src', 'cli', 'main.ts')), '0.2.0', 'the node marks its trial good once it serves');
+  t.ok(readFileSync(join(nodeRoot, 'trial-ok'), 'utf8').includes('0.2.0'));
   const rb = await run('rollback');
   t.equal(rb.code, 0, rb.err);
   t.match((await run('status')).out, /running 0\.1\.0 from slot a/);
