@@ -12,6 +12,7 @@ const sup = createSupervisor({
   root,
   command: (dir) => ({ file: process.execPath, args: [`${dir}/bin/start.mjs`] }),
   onEvent: (e) => process.stdout.write(JSON.stringify(e) + '\n'),
+  audit: (event) => process.stdout.write(JSON.stringify({ type: 'audit', event }) + '\n'),
 });
 process.on('SIGHUP', () => void sup.restart());
 process.on('SIGTERM', () => {

@@ -14,7 +14,8 @@ import { chmodSync, closeSync, mkdirSync, readFileSync, statSync, unlinkSync } f
 import { dirname } from 'node:path';
 import { peerPidfd, socketFd, peerCredentials } from '../native/addon.ts';
 import { ERRORS, PhantomaError } from '../errors.ts';
-import { combineKem, decapsulate, MLKEM768_CIPHERTEXT_BYTES, TRANSCRIPT_HASH_BYTES, X25519_PUBLIC_BYTES } from '../sealed/kem.ts';
+import { MLKEM768_CIPHERTEXT_BYTES, TRANSCRIPT_HASH_BYTES, X25519_PUBLIC_BYTES } from '../sealed/kem.ts';
+import { requestKeyFor } from '../sealed/request.ts';
 import { identityPrivateKey, isKeyUsable, pruneExpiredKeys, requestPrivateKeys, type VaultContents } from './contents.ts';
 import { readVault, updateVault } from './store.ts';
 import type { SealKeys } from './format.ts';
@@ -108,15 +109,12 @@ export function createKeyService(deps: {
       audit({ type: 'keyd_refusal', op: 'decapsulate', code: ERRORS.REQUEST_KEY_UNKNOWN.code, reason: key ? 'key_expired' : 'key_unknown', uid: caller.uid, workerId });
       return { ok: false, code: ERRORS.REQUEST_KEY_UNKNOWN.code, message: `request key ${String(r.keyId).slice(0, 16)} is unknown or past its window` };
     }
-    let secrets;
+    let requestKey: Uint8Array;
     try {
-      secrets = decapsulate(requestPrivateKeys(key), eph, ct);
+      requestKey = requestKeyFor(requestPrivateKeys(key), { ephemeralPublicKey: eph, kemCiphertext: ct, transcriptHash: th });
     } catch {
       return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'the KEM fields do not decapsulate' };
     }
-    const requestKey = combineKem(secrets, th);
-    Buffer.from(secrets.x25519Secret.buffer, secrets.x25519Secret.byteOffset, secrets.x25519Secret.length).fill(0);
-    Buffer.from(secrets.mlkemSecret.buffer, secrets.mlkemSecret.byteOffset, secrets.mlkemSecret.length).fill(0);
     audit({ type: 'keyd_decapsulated', workerId, keyId: key.id });
     const out = Buffer.from(requestKey).toString('base64');
     requestKey.fill(0);

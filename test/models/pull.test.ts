@@ -12,7 +12,7 @@ import { createInterface } from 'node:readline';
 import { ROOT, tinyModelPath } from '../helpers.ts';
 import { attemptCgroup, buildAll, cleanupWardenLeftovers, createNetns, runAttempt, startListener, startWarden, subscribe, tempDir, TAGS_FILE, type Listener, type Netns, type Warden } from '../egress/rig.ts';
 import { pullModel, type PullOptions } from '../../src/models/pull.ts';
-import { listModels, modelDirOf } from '../../src/models/store.ts';
+import { listModels, modelDirOf, writeServed } from '../../src/models/store.ts';
 import { closeWindow, openWindow, readWindow, startWindowKeeper } from '../../src/egress/window.ts';
 import type { AuditEvent } from '../../src/audit/audit-events.ts';
 import { checkAuditEvent } from '../../src/audit/audit-events.ts';
@@ -174,6 +174,14 @@ t.test('refusals: wrong checksum, truncated, not a GGUF, a stalled server; nothi
     assertClean(t, 'stalled');
     await expectCode(t, pull({ url: `${base}/model.gguf`, sha256: ggufSha, name: 'x', size: 1000 }), 'model_size_mismatch', '--size not the served length');
     assertClean(t, 'size');
+    // a model the gateway serves is not overwritten with other contents
+    await pull({ url: `${base}/model.gguf`, sha256: ggufSha, name: 'busy' });
+    writeServed(modelDir, ['busy']); // as the gateway records it (this process stands in for it: alive)
+    const other0 = reqs('/other.bin');
+    await expectCode(t, pull({ url: `${base}/other.bin`, sha256: otherSha, name: 'busy' }), 'model_in_use', 'overwrite a served model');
+    t.equal(reqs('/other.bin'), other0, 'refused before any download');
+    t.equal(listModels(modelDir)[0]?.sha256, ggufSha, 'the served model is untouched');
+    rmSync(modelDir, { recursive: true, force: true });
   });
 });
 

@@ -306,6 +306,11 @@ t.test('a release that crashes in its trial boot is rolled back by itself', asyn
   const s = updateStatus(nodeRoot).state;
   t.equal(s.last?.result, 'rolled_back');
   t.equal(s.last?.code, 'update_trial_failed');
+  const audited = events.filter((e) => e.type === 'audit').map((e) => (e as unknown as { event: AuditEvent }).event);
+  t.ok(audited.some((e) => e.type === 'update_trial' && e.version === '0.6.0' && e.passed === false), 'the failed trial is audited');
+  t.ok(audited.some((e) => e.type === 'update_rolled_back' && e.from === '0.6.0' && e.to === '0.2.0' && e.manual === false), 'and the rollback');
+  t.ok(audited.some((e) => e.type === 'update_trial' && e.version === '0.2.0' && e.passed === true), 'the earlier good trial too');
+  for (const e of audited) t.equal(checkAuditEvent(e, []), undefined, `${e.type} fits the audit schema`);
 });
 
 t.test('a release that never becomes ready is rolled back after its bound', async (t) => {
