@@ -168,9 +168,13 @@ function base(url: string): string {
 
 /** Refreshes TUF metadata and lists the signed release targets (name → version), newest first. */
 export async function listReleases(trust: UpdateTrust): Promise<Array<{ name: string; version: string; length: number }>> {
-  const { updater } = await refreshed(trust);
-  void updater;
-  const targets = Metadata.fromJSON(MetadataKind.Targets, JSON.parse(readFileSync(join(trust.metadataDir, 'targets.json'), 'utf8')) as JSONObject).signed;
+  await refreshed(trust);
+  return trustedReleases(trust.metadataDir);
+}
+
+/** The release targets of the targets metadata tuf-js last verified and persisted, newest first. */
+function trustedReleases(metadataDir: string): Array<{ name: string; version: string; length: number }> {
+  const targets = Metadata.fromJSON(MetadataKind.Targets, JSON.parse(readFileSync(join(metadataDir, 'targets.json'), 'utf8')) as JSONObject).signed;
   return Object.values(targets.targets)
     .map((t) => ({ name: t.path, version: releaseVersion(t), length: t.length }))
     .filter((t): t is { name: string; version: string; length: number } => t.version !== undefined)
@@ -240,7 +244,7 @@ export async function verifyRelease(choice: ReleaseChoice, trust: UpdateTrust, d
   try {
     if (choice.name) info = await updater.getTargetInfo(choice.name);
     else {
-      const all = await listReleases(trust);
+      const all = trustedReleases(trust.metadataDir);
       const pick = all.find((t) => !choice.allowed || compareVersions(t.version, choice.allowed) <= 0);
       if (pick) info = await updater.getTargetInfo(pick.name);
     }
