@@ -7,6 +7,7 @@ import type { Config } from './config/schema.ts';
 import type { Logger } from './logger.ts';
 import { resolveFromRoot, projectRoot } from './paths.ts';
 import { markGoodIfOnTrial } from './updates/slots.ts';
+import { installedVersion } from './version.ts';
 import { createModelRegistry } from './models/registry.ts';
 import { readGgufSummary } from './models/gguf-reader.ts';
 import { checkMemoryBudget } from './models/memory.ts';
@@ -181,13 +182,13 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
     config,
     stateDir,
     logger: log,
-    version: '0.1.0',
+    version: installedVersion(),
     signer: deps.heartbeatSigner ?? (keyd ? keydSigner(keyd.client) : undefined),
     pools: () => models.map((m) => m.pool),
     auditHead: () => audit.head(),
     ...(deps.controlClock ? { clock: deps.controlClock } : {}),
   });
-  record({ type: 'node_started', version: '0.1.0', pid: process.pid });
+  record({ type: 'node_started', version: installedVersion(), pid: process.pid });
   keydAudit.to = record;
   // Maintenance windows (issue 10): an expired window is closed (and stray download allowlist entries
   // removed) before anything else; then the keeper closes the open window at its deadline.
@@ -270,7 +271,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
       lookupKey: registry.lookupKey,
       signReceipt: (payload: Buffer) => client.sign('receipt', payload),
       egressPolicyHash: egress.policyHash,
-      releaseVersion: '0.1.0',
+      releaseVersion: installedVersion(),
     };
   };
   // With a vault the TLS key lives there and comes from keyd; without one, in the state directory as before.

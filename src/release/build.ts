@@ -96,6 +96,8 @@ const byPath = (a: { path: string }, b: { path: string }): number => (Buffer.com
 export async function buildRelease(o: BuildOptions): Promise<BuildResult> {
   const pkg = JSON.parse(readFileSync(join(o.root, 'package.json'), 'utf8')) as { version?: string };
   const version = o.version ?? pkg.version ?? '0.0.0';
+  // The node reports package.json's version (src/version.ts): a release must say the same in both places.
+  if (pkg.version !== version) throw fail(`package.json says version ${String(pkg.version)}, the build was asked for ${version}; bump package.json instead`);
   const found = collectReleaseFiles(o.root, o.paths);
   const files: ManifestFile[] = [];
   const symlinks: ManifestLink[] = [];
