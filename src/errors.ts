@@ -119,6 +119,7 @@ export const ERRORS = Object.freeze({
   UPDATE_TARGET_NOT_FOUND: def('update_target_not_found', 404, 'not_found_error', 11),
   UPDATE_BUNDLES_INSUFFICIENT: def('update_bundles_insufficient', 502, 'server_error', 11),
   UPDATE_VERSION_ROLLBACK: def('update_version_rollback', 409, 'invalid_request_error', 11),
+  UPDATE_NOT_ALLOWED: def('update_not_allowed', 403, 'invalid_request_error', 11),
   UPDATE_MANIFEST_MISMATCH: def('update_manifest_mismatch', 502, 'server_error', 11),
   UPDATE_REPOSITORY_UNREACHABLE: def('update_repository_unreachable', 502, 'server_error', 11),
   UPDATE_INSTALL_FAILED: def('update_install_failed', 500, 'server_error', 11),

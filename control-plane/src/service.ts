@@ -243,7 +243,7 @@ export function createControlPlaneService(deps: ControlPlaneDeps): ControlPlaneS
       }
       checkSkew(hb.time, at);
       const expires = at + config.lease.validitySeconds * 1000;
-      const state = JSON.stringify({ time: hb.time, counters: hb.counters, pool: hb.pool, ...(hb.auditHead ? { auditHead: hb.auditHead } : {}) });
+      const state = JSON.stringify({ time: hb.time, counters: hb.counters, pool: hb.pool, ...(hb.auditHead ? { auditHead: hb.auditHead } : {}), ...(hb.update ? { update: hb.update } : {}) });
       // One statement: the counter condition and the history insert are atomic, so two instances racing on
       // the same node (or a replay arriving at another instance) can never both succeed or go backwards.
       const done = await db.query<{ counter: string | number }>(

@@ -28,7 +28,14 @@ export const doctorCommand: Command = {
   async run(ctx, { values, positionals }) {
     if (positionals.length > 0) throw new UsageError(ERRORS.CLI_USAGE, `usage: ${this.usage}`);
     const results = probeHost();
-    if (ctx.config().workers.backend === 'docker') results.push(...(await dockerChecks(ctx.config())));
+    // Host checks need no configuration; the Docker checks run only when a readable config selects Docker.
+    let config: ReturnType<typeof ctx.config> | undefined;
+    try {
+      config = ctx.config();
+    } catch {
+      config = undefined;
+    }
+    if (config?.workers.backend === 'docker') results.push(...(await dockerChecks(config)));
     ctx.out(ctx.json ? JSON.stringify(results) : formatDoctorTable(results, values.verbose === true));
     return results.some((r) => r.status === 'fail') ? DOCTOR_FAILED_EXIT : 0;
   },

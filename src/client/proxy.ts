@@ -5,7 +5,7 @@
 import Fastify, { type FastifyInstance } from 'fastify';
 import { randomBytes, type KeyObject } from 'node:crypto';
 import { ERRORS, PhantomaError, isPhantomaError } from '../errors.ts';
-import { errorBody, toolCallsOut, embeddingObject } from '../gateway/openai.ts';
+import { errorBody, toolCallsOut, embeddingObject, chatLogprobs, completionLogprobs } from '../gateway/openai.ts';
 import { createSealedClient, type SealedClient, type SealedAnswer } from './sealed.ts';
 import type { Logger } from '../logger.ts';
 
@@ -76,8 +76,8 @@ export function buildProxy(opts: ProxyOptions): FastifyInstance {
         const a = await send(model, rest, { stream: false });
         const message = a.toolCalls ? { role: 'assistant', content: a.text === '' ? null : a.text, refusal: null, tool_calls: toolCallsOut(a.toolCalls) } : { role: 'assistant', content: a.text, refusal: null };
         return shape === 'chat'
-          ? { id, object: 'chat.completion', created, model, choices: [{ index: 0, message, logprobs: null, finish_reason: a.finishReason }], usage: a.usage }
-          : { id, object: 'text_completion', created, model, choices: [{ index: 0, text: a.text, logprobs: null, finish_reason: a.finishReason }], usage: a.usage };
+          ? { id, object: 'chat.completion', created, model, choices: [{ index: 0, message, logprobs: a.logprobs ? { content: chatLogprobs(a.logprobs), refusal: null } : null, finish_reason: a.finishReason }], usage: a.usage }
+          : { id, object: 'text_completion', created, model, choices: [{ index: 0, text: a.text, logprobs: a.logprobs ? completionLogprobs(a.logprobs) : null, finish_reason: a.finishReason }], usage: a.usage };
       }
       // Streamed: the SSE response starts with the first opened text, so a refusal can still be a status.
       const ac = new AbortController();

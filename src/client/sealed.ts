@@ -10,6 +10,7 @@ import { ed25519PublicKeyObject } from '../vault/contents.ts';
 import { sealRequest } from '../sealed/request.ts';
 import { createChunkOpener } from '../sealed/seal.ts';
 import { decodeEvent, type SealedEvent } from '../sealed/inner.ts';
+import type { TokenLogprob } from '../ephemeral/worker-protocol.ts';
 import { verifyReceipt, type Receipt } from '../sealed/receipt.ts';
 import { SEALED_CONTENT_TYPE, SEALED_PATH } from '../gateway/sealed-route.ts';
 import { KEY_DOCUMENT_PATH } from '../gateway/key-document.ts';
@@ -34,6 +35,8 @@ export interface SealedAnswer {
   toolCalls?: Array<{ id: string; name: string; arguments: string }>;
   /** Embeddings bodies (`input`): one vector per input, in order. */
   embeddings?: number[][];
+  /** Requests with logprobs: one entry per generated token, in order. */
+  logprobs?: TokenLogprob[];
 }
 
 export interface SealedClient {
@@ -87,11 +90,14 @@ export function createSealedClient(opts: SealedClientOptions): SealedClient {
     const answer: { text: string[]; end?: SealedEvent; receipt?: Receipt; clearError?: PhantomaError } = { text: [] };
     const calls: Array<{ id: string; name: string; arguments: string }> = [];
     const vectors: Float32Array[] = [];
+    const logprobs: TokenLogprob[] = [];
     const take = (b64: string): void => {
       const e = decodeEvent(opener.open(Buffer.from(b64, 'base64')));
       if (e.t === 'text') {
         answer.text.push(e.text);
         o.onText?.(e.text);
+      } else if (e.t === 'logprobs') {
+        logprobs.push(...e.entries);
       } else if (e.t === 'tool_call') {
         const call = (calls[e.index] ??= { id: e.id ?? '', name: e.name ?? '', arguments: '' });
         call.arguments += e.arguments;
@@ -133,6 +139,7 @@ export function createSealedClient(opts: SealedClientOptions): SealedClient {
       receipt: answer.receipt,
       ...(calls.length > 0 ? { toolCalls: calls } : {}),
       ...(vectors.length > 0 ? { embeddings: vectors.map((v) => [...v]) } : {}),
+      ...(logprobs.length > 0 ? { logprobs } : {}),
     };
   }
 

@@ -8,6 +8,8 @@ import type { ChainHead } from '../audit/audit-log.ts';
 import { createLicenseGate, type LicenseDecision } from './license.ts';
 import { createHeartbeatLoop, type HeartbeatLoop } from './heartbeat-loop.ts';
 import { readControlState } from './state.ts';
+import { lastUpdateOutcome } from '../updates/slots.ts';
+import { resolveFromRoot } from '../paths.ts';
 import type { NodeSigner, Snapshot } from './node.ts';
 
 export interface NodeControl {
@@ -36,10 +38,12 @@ export function createNodeControl(deps: {
     const pools = deps.pools();
     const workers = pools.flatMap((p) => p.workers());
     const head = deps.auditHead();
+    const update = lastUpdateOutcome(resolveFromRoot(deps.config.updates.root));
     return {
       counters: { ...counters },
       pool: { workers: Math.min(workers.length, 4096), busy: Math.min(workers.filter((w) => w.state === 'busy').length, 4096), ready: pools.every((p) => p.notReadyReason() === undefined) },
       ...(head ? { auditHead: head } : {}),
+      ...(update ? { update } : {}),
     };
   };
   let enrolled = false;

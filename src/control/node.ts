@@ -47,6 +47,7 @@ export interface Snapshot {
   counters: HeartbeatBody['counters'];
   pool: HeartbeatBody['pool'];
   auditHead?: HeartbeatBody['auditHead'];
+  update?: HeartbeatBody['update'];
 }
 
 export interface ExchangeDeps {
@@ -151,6 +152,7 @@ export async function heartbeatOnce(opts: ExchangeDeps & { snapshot: () => Snaps
     counters: snap.counters,
     pool: snap.pool,
     ...(snap.auditHead ? { auditHead: snap.auditHead } : {}),
+    ...(snap.update ? { update: snap.update } : {}),
   };
   const signature = (await opts.signer.sign(canonicalBytes(heartbeat))).toString('base64url');
   const body = JSON.stringify({ heartbeat, signature });

@@ -57,6 +57,18 @@ export const HeartbeatBody = Type.Object(
     ),
     /** The audit log's chain head, so the vendor can later prove a log was not truncated (src/audit/README.md). */
     auditHead: Type.Optional(Type.Object({ seq: Count, hash: Type.String({ pattern: '^[0-9a-f]{64}$' }) }, { additionalProperties: false })),
+    /** The last signed-update outcome (issue 12, src/updates/slots.ts): a result, a version, a code — nothing else. */
+    update: Type.Optional(
+      Type.Object(
+        {
+          result: Type.Union([Type.Literal('installed'), Type.Literal('rolled_back'), Type.Literal('refused'), Type.Literal('manual_rollback')]),
+          version: Version,
+          code: Type.Optional(Type.String({ pattern: '^[a-z][a-z0-9_]{1,63}$' })),
+          at: Time,
+        },
+        { additionalProperties: false },
+      ),
+    ),
   },
   { additionalProperties: false },
 );

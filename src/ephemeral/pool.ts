@@ -5,7 +5,7 @@ import type { Logger } from '../logger.ts';
 import { PhantomaError, ERRORS } from '../errors.ts';
 import type { WorkerBackend, WorkerHandle } from './backend.ts';
 import type { WorkerSpec } from './worker-main.ts';
-import { createLineDecoder, encodeMessage, type FromWorker, type JobMessage, type Usage, type FinishReason, type ToolCall } from './worker-protocol.ts';
+import { createLineDecoder, encodeMessage, type FromWorker, type JobMessage, type Usage, type FinishReason, type ToolCall, type TokenLogprob } from './worker-protocol.ts';
 
 export type WorkerState = 'starting' | 'ready' | 'busy';
 
@@ -63,7 +63,8 @@ export interface JobEnd {
 }
 
 export interface RunOptions {
-  onChunk(text: string): void;
+  /** Generated text; with the log-probabilities of its tokens when the job asked for them. */
+  onChunk(text: string, logprobs?: TokenLogprob[]): void;
   /** The model's tool calls (chat with tools), once, before the job settles. */
   onToolCalls?(calls: ToolCall[]): void;
   /** One input's embedding (embeddings jobs), in input order. */
@@ -285,7 +286,7 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
           if (run.signal?.aborted) return onAbort();
           run.signal?.addEventListener('abort', onAbort, { once: true });
           w.onMessage = (m) => {
-            if (m.type === 'chunk') run.onChunk(m.text);
+            if (m.type === 'chunk') run.onChunk(m.text, m.logprobs);
             else if (m.type === 'tool_calls') run.onToolCalls?.(m.calls);
             else if (m.type === 'embedding') run.onEmbedding?.(m.index, m.embedding);
             else if (m.type === 'sealed') run.onSealed?.(m.data, m.final);

@@ -3,7 +3,7 @@
 // request, never keeps a prompt cache, and holds nothing that outlives its process.
 import { encodeMessage, createLineDecoder, type ToWorker, type FromWorker, type JobMessage } from './worker-protocol.ts';
 import { createLogger } from '../logger.ts';
-import { createLlamaRuntime, loadModelFile, createContext, prepareChatWrapper, generateChat, generateCompletion, generateEmbeddings, type GenerateOptions, type GenerateResult } from '../models/llama.ts';
+import { createLlamaRuntime, loadModelFile, createContext, prepareChatWrapper, generateChat, generateCompletion, generateEmbeddings, generateWithLogprobs, type GenerateOptions, type GenerateResult, type TokenLogprob } from '../models/llama.ts';
 import { ERRORS, PhantomaError, isPhantomaError } from '../errors.ts';
 import { setDumpable, mallocTrim } from '../native/addon.ts';
 import { parseEnvelope } from '../sealed/envelope.ts';
@@ -113,7 +113,10 @@ async function main(): Promise<void> {
       void send({ type: 'chunk', text });
     },
   };
-  const result = await runGeneration(context, chatWrapper, request, opts);
+  const result = await runGeneration(context, chatWrapper, request, opts, (text, logprobs) => {
+    firstTokenMs ??= performance.now() - jobStart;
+    void send({ type: 'chunk', text, logprobs });
+  });
   if (result.toolCalls) await send({ type: 'tool_calls', calls: result.toolCalls });
   await send({
     type: 'done',
@@ -126,7 +129,18 @@ async function main(): Promise<void> {
 }
 
 /** A chat or completion job on the worker's context (tools and structured output for chat). */
-function runGeneration(context: LlamaContext, chatWrapper: ChatWrapper, job: Extract<JobMessage, { kind: 'chat' | 'completion' }>, opts: GenerateOptions): Promise<GenerateResult> {
+function runGeneration(
+  context: LlamaContext,
+  chatWrapper: ChatWrapper,
+  job: Extract<JobMessage, { kind: 'chat' | 'completion' }>,
+  opts: GenerateOptions,
+  onLogprobs: (text: string, entries: TokenLogprob[]) => void,
+): Promise<GenerateResult> {
+  if (job.params.logprobs !== undefined) {
+    // Text and its tokens' log-probabilities go out together (onLogprobs), not through onText.
+    const input = job.kind === 'chat' ? { messages: job.messages, chatWrapper } : { prompt: job.prompt };
+    return generateWithLogprobs(context, input, { ...opts, onText: undefined, topLogprobs: job.params.logprobs, onLogprobs });
+  }
   if (job.kind === 'completion') return generateCompletion(context, job.prompt, opts);
   return generateChat(context, job.messages, {
     ...opts,
@@ -143,6 +157,9 @@ async function embed(context: LlamaContext, inputs: readonly string[], spec: Wor
   await context.dispose();
   return generateEmbeddings(model, inputs, { contextSize: spec.contextSize, threads: spec.threads, batchSize: spec.batchSize, onEmbedding });
 }
+
+/** Token entries per sealed logprobs event (each at most 21 short tokens with numbers). */
+const SEALED_LOGPROBS_PIECE = 4;
 
 /** Floats per sealed embedding event: base64 of 2048 float32 stays far below the largest chunk bucket. */
 const SEALED_EMBEDDING_PIECE = 2048;
@@ -206,8 +223,17 @@ async function serveSealed(request: Extract<JobMessage, { kind: 'sealed' }>, d: 
         if (env.stream || pending.length >= SEALED_TEXT_PIECE) void flush();
       },
     };
-    const result = await runGeneration(d.context, d.chatWrapper, job, opts);
+    let logprobsSent = Promise.resolve();
+    const result = await runGeneration(d.context, d.chatWrapper, job, opts, (text, entries) => {
+      opts.onText?.(text);
+      // Entries follow their text, in groups that stay far below the largest chunk bucket.
+      logprobsSent = logprobsSent.then(async () => {
+        await flush();
+        for (let at = 0; at < entries.length; at += SEALED_LOGPROBS_PIECE) await sendSealed({ t: 'logprobs', entries: entries.slice(at, at + SEALED_LOGPROBS_PIECE) }, false);
+      });
+    });
     await flush();
+    await logprobsSent;
     for (const [index, call] of (result.toolCalls ?? []).entries()) await sealToolCall(index, call, sendSealed);
     const usage = { prompt_tokens: result.promptTokens, completion_tokens: result.completionTokens, total_tokens: result.promptTokens + result.completionTokens };
     await sendSealed({ t: 'done', finish_reason: result.finishReason === 'length' ? 'length' : result.finishReason === 'tool_calls' ? 'tool_calls' : 'stop', usage }, true);

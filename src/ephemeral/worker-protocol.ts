@@ -12,6 +12,16 @@ export interface SamplingParams {
   topP?: number;
   seed?: number;
   stop?: string[];
+  /** Report log-probabilities with this many alternatives per token (0: the chosen token's only). */
+  logprobs?: number;
+}
+
+/** A generated token's log-probability (OpenAI `logprobs`), with its most likely alternatives. */
+export interface TokenLogprob {
+  token: string;
+  logprob: number;
+  bytes: number[];
+  top: Array<{ token: string; logprob: number; bytes: number[] }>;
 }
 
 /** A tool call the model made, or one from the history with its result (issue 15). `arguments` is JSON text. */
@@ -71,7 +81,7 @@ export interface Usage {
 
 export type FromWorker =
   | { type: 'ready'; pid: number; model: string; contextSize: number; loadMs: number }
-  | { type: 'chunk'; text: string }
+  | { type: 'chunk'; text: string; logprobs?: TokenLogprob[] }
   /** The model's tool calls, sent once before `done` (finishReason tool_calls). */
   | { type: 'tool_calls'; calls: ToolCall[] }
   /** One input's embedding (an embeddings job sends one per input, in order, before `done`). */

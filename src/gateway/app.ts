@@ -25,9 +25,11 @@ import {
   finishReason,
   errorBody,
   toolCallsOut,
+  chatLogprobs,
+  completionLogprobs,
 } from './openai.ts';
 import { registerEmbeddingsRoute } from './embeddings.ts';
-import type { ToolCall } from '../ephemeral/worker-protocol.ts';
+import type { ToolCall, TokenLogprob } from '../ephemeral/worker-protocol.ts';
 
 export interface ServedModel {
   name: string;
@@ -353,7 +355,13 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
     if (!body.stream) {
       const parts: string[] = [];
       let calls: ToolCall[] | undefined;
-      const result = await lease.run(job, { onChunk: (t) => parts.push(t), onToolCalls: (c) => (calls = c), signal, timeoutMs });
+      const entries: TokenLogprob[] = [];
+      const onChunk = (t: string, lp?: TokenLogprob[]): void => {
+        parts.push(t);
+        if (lp) entries.push(...lp);
+      };
+      const result = await lease.run(job, { onChunk, onToolCalls: (c) => (calls = c), signal, timeoutMs });
+      const wantsLogprobs = job.kind !== 'sealed' && job.kind !== 'embeddings' && job.params.logprobs !== undefined;
       observe(served.name, result);
       request.logFields = { ...request.logFields, ...resultFields(result) };
       const text = parts.join('');
@@ -362,8 +370,8 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
       const fr = finishReason(result.finishReason);
       const message = calls ? { role: 'assistant', content: text === '' ? null : text, refusal: null, tool_calls: toolCallsOut(calls) } : { role: 'assistant', content: text, refusal: null };
       return shape === 'chat'
-        ? { id, object: 'chat.completion', created, model: served.name, choices: [{ index: 0, message, logprobs: null, finish_reason: fr }], usage }
-        : { id, object: 'text_completion', created, model: served.name, choices: [{ index: 0, text, logprobs: null, finish_reason: fr }], usage };
+        ? { id, object: 'chat.completion', created, model: served.name, choices: [{ index: 0, message, logprobs: wantsLogprobs ? { content: chatLogprobs(entries), refusal: null } : null, finish_reason: fr }], usage }
+        : { id, object: 'text_completion', created, model: served.name, choices: [{ index: 0, text, logprobs: wantsLogprobs ? completionLogprobs(entries) : null, finish_reason: fr }], usage };
     }
 
     // Streaming: from here the response is ours to write as Server-Sent Events.
@@ -378,10 +386,14 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
     const event = (data: unknown): void => {
       if (!raw.writableEnded && !raw.destroyed) raw.write(`data: ${JSON.stringify(data)}\n\n`);
     };
-    const delta = (text: string | undefined, fr: string | null, first = false): unknown =>
-      shape === 'chat'
-        ? { ...base, choices: [{ index: 0, delta: first ? { role: 'assistant', content: '' } : text === undefined ? {} : { content: text }, logprobs: null, finish_reason: fr }] }
-        : { ...base, choices: [{ index: 0, text: text ?? '', logprobs: null, finish_reason: fr }] };
+    let textOffset = 0;
+    const delta = (text: string | undefined, fr: string | null, first = false, lp?: TokenLogprob[]): unknown => {
+      const logprobs = lp === undefined ? null : shape === 'chat' ? { content: chatLogprobs(lp), refusal: null } : completionLogprobs(lp, textOffset);
+      textOffset += text?.length ?? 0;
+      return shape === 'chat'
+        ? { ...base, choices: [{ index: 0, delta: first ? { role: 'assistant', content: '' } : text === undefined ? {} : { content: text }, logprobs, finish_reason: fr }] }
+        : { ...base, choices: [{ index: 0, text: text ?? '', logprobs, finish_reason: fr }] };
+    };
     if (shape === 'chat') event(delta(undefined, null, true));
     let status = 200;
     try {
@@ -393,7 +405,10 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
           for (let at = 0; at < c.arguments.length; at += TOOL_ARGUMENTS_PIECE) event(call({ function: { arguments: c.arguments.slice(at, at + TOOL_ARGUMENTS_PIECE) } }));
         });
       };
-      const result = await lease.run(job, { onChunk: (t) => t !== '' && event(delta(t, null)), onToolCalls, signal, timeoutMs });
+      const onChunk = (t: string, lp?: TokenLogprob[]): void => {
+        if (t !== '' || (lp && lp.length > 0)) event(delta(t, null, false, lp));
+      };
+      const result = await lease.run(job, { onChunk, onToolCalls, signal, timeoutMs });
       observe(served.name, result);
       request.logFields = { ...request.logFields, ...resultFields(result) };
       event(delta(undefined, finishReason(result.finishReason)));

@@ -3,7 +3,7 @@
 import { Type, type Static, type TSchema } from '@sinclair/typebox';
 import { randomBytes } from 'node:crypto';
 import { PhantomaError, ERRORS } from '../errors.ts';
-import type { SamplingParams, JobMessage, Usage, ChatJobMessage, ToolSpec, ToolChoice, OutputFormat, FinishReason } from '../ephemeral/worker-protocol.ts';
+import type { SamplingParams, JobMessage, Usage, ChatJobMessage, ToolSpec, ToolChoice, OutputFormat, FinishReason, TokenLogprob } from '../ephemeral/worker-protocol.ts';
 import { grammarSchema, NO_PARAMETERS } from '../models/grammar.ts';
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
@@ -242,12 +242,13 @@ function samplingFrom(body: ChatCompletionRequest | CompletionRequest, maxTokens
       throw new PhantomaError(ERRORS.UNSUPPORTED_PARAMETER, `${p} is not supported yet (only 0)`, { details: { param: p } });
     }
   }
-  // node-llama-cpp 3.21 gives token probabilities only to its low-level evaluate loop, not to the chat and
-  // completion generators the workers use (docs/architecture.md): refused clearly rather than ignored.
-  const b = body as { logprobs?: boolean | number | null; top_logprobs?: number | null };
-  if ((b.logprobs !== undefined && b.logprobs !== null && b.logprobs !== false && b.logprobs !== 0) || (b.top_logprobs ?? 0) > 0) {
-    throw new PhantomaError(ERRORS.UNSUPPORTED_PARAMETER, 'logprobs are not supported yet', { details: { param: b.top_logprobs ? 'top_logprobs' : 'logprobs' } });
+  // logprobs: chat says `logprobs: true` (+ `top_logprobs`), completions `logprobs: <alternatives>`.
+  const b = body as { logprobs?: boolean | number | null; top_logprobs?: number | null; messages?: unknown };
+  const isChat = b.messages !== undefined;
+  if (isChat && (b.top_logprobs ?? null) !== null && b.logprobs !== true) {
+    throw new PhantomaError(ERRORS.INVALID_REQUEST, 'invalid request: top_logprobs needs logprobs: true', { details: { param: 'top_logprobs' } });
   }
+  const logprobs = isChat ? (b.logprobs === true ? (b.top_logprobs ?? 0) : undefined) : typeof b.logprobs === 'number' ? b.logprobs : undefined;
   const max = maxTokens ?? Math.min(DEFAULT_MAX_TOKENS, contextSize);
   if (max >= contextSize) {
     throw new PhantomaError(ERRORS.CONTEXT_LENGTH_EXCEEDED, `max_tokens ${max} does not fit this model's context of ${contextSize} tokens`, { details: { param: 'max_tokens' } });
@@ -260,12 +261,16 @@ function samplingFrom(body: ChatCompletionRequest | CompletionRequest, maxTokens
     // llama.cpp seeds are 32-bit; fold a 64-bit OpenAI seed deterministically.
     ...(body.seed === undefined || body.seed === null ? {} : { seed: Number(BigInt.asUintN(32, BigInt(body.seed))) }),
     ...(stop && stop.length > 0 ? { stop } : {}),
+    ...(logprobs !== undefined ? { logprobs } : {}),
   };
 }
 
 export function chatJob(body: ChatCompletionRequest, requestId: string, contextSize: number): JobMessage {
   const responseFormat = outputFormatOf(body);
   const tools = toolsOf(body);
+  if (body.logprobs === true && (responseFormat || tools.tools)) {
+    throw new PhantomaError(ERRORS.UNSUPPORTED_PARAMETER, 'logprobs together with response_format or tools is not supported', { details: { param: 'logprobs' } });
+  }
   if (responseFormat && tools.tools) {
     throw new PhantomaError(ERRORS.UNSUPPORTED_PARAMETER, 'response_format json_object/json_schema together with tools is not supported (use tool_choice "none" or no response_format)', {
       details: { param: 'response_format' },
@@ -305,6 +310,22 @@ export type OpenAIFinishReason = 'stop' | 'length' | 'tool_calls';
 /** A generation the client aborted never reaches a response, so only stop/length/tool_calls remain. */
 export function finishReason(r: FinishReason): OpenAIFinishReason {
   return r === 'length' ? 'length' : r === 'tool_calls' ? 'tool_calls' : 'stop';
+}
+
+/** Chat's `logprobs.content` entries. */
+export function chatLogprobs(entries: readonly TokenLogprob[]): Array<{ token: string; logprob: number; bytes: number[]; top_logprobs: Array<{ token: string; logprob: number; bytes: number[] }> }> {
+  return entries.map((e) => ({ token: e.token, logprob: e.logprob, bytes: e.bytes, top_logprobs: e.top }));
+}
+
+/** Completions' `logprobs` object; `offset` is where the first entry's text starts in the answer. */
+export function completionLogprobs(entries: readonly TokenLogprob[], offset = 0): { tokens: string[]; token_logprobs: number[]; top_logprobs: Array<Record<string, number>>; text_offset: number[] } {
+  const text_offset: number[] = [];
+  let at = offset;
+  for (const e of entries) {
+    text_offset.push(at);
+    at += e.token.length;
+  }
+  return { tokens: entries.map((e) => e.token), token_logprobs: entries.map((e) => e.logprob), top_logprobs: entries.map((e) => Object.fromEntries(e.top.map((x) => [x.token, x.logprob]))), text_offset };
 }
 
 /** OpenAI's tool_calls array of an assistant message. */

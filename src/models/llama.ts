@@ -1,7 +1,7 @@
 // The one module that imports node-llama-cpp. Everything else talks to these typed wrappers.
 // The prebuilt CPU binary is used as shipped: never built, never downloaded, no GPU probing.
 import { getLlama, LlamaChat, LlamaCompletion, LlamaLogLevel, resolveChatWrapper, type ChatWrapper, type Llama, type LlamaModel, type LlamaContext, type ChatHistoryItem, type ChatModelFunctions, type LlamaGrammar, type ChatModelResponse } from 'node-llama-cpp';
-import type { OutputFormat, ToolCall, ToolChoice, ToolSpec } from '../ephemeral/worker-protocol.ts';
+import type { OutputFormat, ToolCall, ToolChoice, ToolSpec, TokenLogprob } from '../ephemeral/worker-protocol.ts';
 import { toolCallSchema } from './grammar.ts';
 import { randomBytes } from 'node:crypto';
 import type { Logger } from '../logger.ts';
@@ -319,4 +319,88 @@ export async function generateEmbeddings(
     await ctx.dispose();
   }
   return { promptTokens };
+}
+
+export type { TokenLogprob };
+
+/**
+ * A generation that reports log-probabilities. node-llama-cpp gives token probabilities only to its
+ * low-level evaluate loop, so this runs that loop itself: the prompt's tokens (the chat template's
+ * rendering, or the raw prompt), sampling with the same temperature/top-p/seed options, and its own ends
+ * (an end-of-generation token, max tokens, a stop string, held back until it cannot be one).
+ * Text goes out with the entries of the tokens it came from.
+ */
+export async function generateWithLogprobs(
+  context: LlamaContext,
+  input: { messages: readonly ChatMessage[]; chatWrapper: ChatWrapper } | { prompt: string },
+  opts: GenerateOptions & { topLogprobs: number; onLogprobs?: (text: string, entries: TokenLogprob[]) => void },
+): Promise<GenerateResult> {
+  const model = context.model;
+  const promptTokens =
+    'prompt' in input
+      ? [...(model.tokens.shouldPrependBosToken && model.tokens.bos !== null ? [model.tokens.bos] : []), ...model.tokenize(input.prompt)]
+      : input.chatWrapper.generateContextState({ chatHistory: toHistory(input.messages) }).contextText.tokenize(model.tokenizer);
+  assertFits(promptTokens.length, opts.maxTokens, context.contextSize);
+  const sequence = context.getSequence();
+  const generated: number[] = [];
+  const stops = opts.stop ?? [];
+  const holdBack = Math.max(0, ...stops.map((s) => s.length - 1));
+  let sent = 0;
+  let pending: TokenLogprob[] = [];
+  let finishReason: FinishReason = 'length';
+  const piece = (t: number): { token: string; bytes: number[] } => {
+    const token = model.detokenize([t as never], false);
+    return { token, bytes: [...Buffer.from(token, 'utf8')] };
+  };
+  const emit = (text: string): void => {
+    if (text === '' && pending.length === 0) return;
+    opts.onText?.(text);
+    opts.onLogprobs?.(text, pending);
+    pending = [];
+  };
+  let text = '';
+  try {
+    const out = sequence.evaluateWithMetadata(promptTokens, { confidence: true, probabilities: true }, {
+      ...(opts.temperature === undefined ? {} : { temperature: opts.temperature }),
+      ...(opts.topP === undefined ? {} : { topP: opts.topP }),
+      ...(opts.seed === undefined ? {} : { seed: opts.seed }),
+    });
+    for await (const step of out) {
+      if (opts.signal?.aborted) {
+        finishReason = 'abort';
+        break;
+      }
+      const token = Number(step.token);
+      if (model.isEogToken(step.token)) {
+        finishReason = 'stop';
+        break;
+      }
+      generated.push(token);
+      opts.onTokens?.([token]);
+      const top = [...step.probabilities.entries()]
+        .sort((a, b) => b[1] - a[1])
+        .slice(0, opts.topLogprobs)
+        .map(([t, p]) => ({ ...piece(Number(t)), logprob: Math.log(p) }));
+      pending.push({ ...piece(token), logprob: Math.log(step.confidence), top });
+      text = model.detokenize(generated as never[]);
+      const hit = stops.map((s) => text.indexOf(s, Math.max(0, sent - holdBack))).filter((i) => i !== -1);
+      if (hit.length > 0) {
+        text = text.slice(0, Math.min(...hit));
+        finishReason = 'stop';
+        break;
+      }
+      if (generated.length >= opts.maxTokens) break;
+      // Held back: the end of a possible stop string, or a character whose UTF-8 is not complete yet.
+      let ready = text.length - holdBack;
+      while (ready > sent && text.charCodeAt(ready - 1) === 0xfffd) ready--;
+      if (ready > sent) {
+        emit(text.slice(sent, ready));
+        sent = ready;
+      }
+    }
+  } finally {
+    sequence.dispose();
+  }
+  emit(text.length > sent ? text.slice(sent) : '');
+  return { text, tokens: generated, promptTokens: promptTokens.length, completionTokens: generated.length, finishReason };
 }

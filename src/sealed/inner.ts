@@ -4,11 +4,13 @@
 import { Value } from '@sinclair/typebox/value';
 import { ChatCompletionRequest, CompletionRequest, EmbeddingsRequest, chatJob, completionJob, embeddingsJob } from '../gateway/openai.ts';
 import { ERRORS, PhantomaError } from '../errors.ts';
-import type { JobMessage } from '../ephemeral/worker-protocol.ts';
+import type { JobMessage, TokenLogprob } from '../ephemeral/worker-protocol.ts';
 
 /** Events inside sealed chunks. `done` and `error` are final: exactly one of them ends every answer. */
 export type SealedEvent =
   | { t: 'text'; text: string }
+  /** Log-probabilities of the tokens of the text sent before it (requests with logprobs). */
+  | { t: 'logprobs'; entries: TokenLogprob[] }
   /** A tool call: the first event of a call carries id and name, the arguments (JSON text) follow in pieces. */
   | { t: 'tool_call'; index: number; id?: string; name?: string; arguments: string }
   /** Part of input `index`'s embedding: float32 little-endian, base64, starting at float `offset` of `length`. */
@@ -65,6 +67,7 @@ export function decodeEvent(payload: Uint8Array): SealedEvent {
   }
   const o = e as Record<string, unknown>;
   if (o?.t === 'text' && typeof o.text === 'string') return o as SealedEvent;
+  if (o?.t === 'logprobs' && Array.isArray(o.entries) && o.entries.every((x: { token?: unknown; logprob?: unknown }) => typeof x?.token === 'string' && typeof x.logprob === 'number')) return o as SealedEvent;
   if (o?.t === 'tool_call' && Number.isInteger(o.index) && typeof o.arguments === 'string') return o as SealedEvent;
   if (o?.t === 'embedding' && Number.isInteger(o.index) && Number.isInteger(o.offset) && Number.isInteger(o.length) && typeof o.b64 === 'string') return o as SealedEvent;
   if (o?.t === 'done' && (o.finish_reason === 'stop' || o.finish_reason === 'length' || o.finish_reason === 'tool_calls') && typeof o.usage === 'object') return o as SealedEvent;

@@ -271,3 +271,15 @@ export function markGoodIfOnTrial(root: string, runningFrom: string = process.ar
   markTrialGood(root, trial.slot, trial.version);
   return trial.version;
 }
+
+/** The last update outcome for the heartbeat (nothing when the node runs outside an A/B layout). */
+export function lastUpdateOutcome(root: string): { result: UpdateOutcome['result']; version: string; code?: string; at: string } | undefined {
+  try {
+    if (!existsSync(join(root, 'update-state.json'))) return undefined;
+    const last = readState(root).last;
+    if (!last) return undefined;
+    return { result: last.result, version: last.version, ...(last.code ? { code: last.code } : {}), at: last.at };
+  } catch {
+    return undefined;
+  }
+}

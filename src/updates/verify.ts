@@ -258,7 +258,7 @@ export async function verifyRelease(choice: ReleaseChoice, trust: UpdateTrust, d
     throw new PhantomaError(ERRORS.UPDATE_VERSION_ROLLBACK, `release ${version} is not newer than the running ${choice.running}`, { details: { offered: version, running: choice.running } });
   }
   if (choice.allowed && compareVersions(version, choice.allowed) > 0) {
-    throw new PhantomaError(ERRORS.UPDATE_VERSION_ROLLBACK, `release ${version} is newer than the ${choice.allowed} the lease allows`);
+    throw new PhantomaError(ERRORS.UPDATE_NOT_ALLOWED, `release ${version} is newer than the ${choice.allowed} the lease allows`);
   }
   if (info.length > MAX_TARGET_BYTES) throw new PhantomaError(ERRORS.UPDATE_TARGET_TOO_LARGE, `${info.path} declares ${info.length} bytes, over the ${MAX_TARGET_BYTES} cap`);
   mkdirSync(downloadDir, { recursive: true, mode: 0o700 });

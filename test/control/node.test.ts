@@ -225,8 +225,9 @@ t.test('expiry past grace stops new inference with license_expired; renewal resu
   t.ok(Date.parse(renewed.lease.lease.expiresAt) > rig.clock.now);
   rig.clock.now += 1500; // the gate re-reads the state file at most once a second
   let again = await ready();
-  for (let i = 0; i < 100 && again.status !== 200; i++) {
-    t.notMatch(again.body.reasons?.join(' '), /license/, 'no license reason once renewed');
+  t.notMatch(again.body.reasons?.join(' '), /license/, 'no license reason once renewed');
+  // The pool refills after the refused period; on a loaded 2-core machine a worker start can take seconds.
+  for (let i = 0; i < 600 && again.status !== 200; i++) {
     await new Promise((res) => setTimeout(res, 100));
     again = await ready();
   }

@@ -67,8 +67,8 @@ t.test('schemas the grammar cannot enforce are refused before any worker runs', 
     [{ tools: [{ type: 'function', function: { name: 'f', parameters: { type: 'object', properties: { a: { type: 'number', minimum: 0 } } } } }] }, 'unsupported_parameter', 'tools.0.function.parameters'],
     [{ tools: TOOLS, tool_choice: { type: 'function', function: { name: 'nope' } } }, 'invalid_request', 'tool_choice'],
     [{ tool_choice: 'required' }, 'invalid_request', 'tool_choice'],
-    [{ logprobs: true }, 'unsupported_parameter', 'logprobs'],
-    [{ logprobs: true, top_logprobs: 3 }, 'unsupported_parameter', 'top_logprobs'],
+    [{ logprobs: true, tools: TOOLS }, 'unsupported_parameter', 'logprobs'],
+    [{ top_logprobs: 3 }, 'invalid_request', 'top_logprobs'],
     [{ tools: TOOLS, response_format: { type: 'json_object' } }, 'unsupported_parameter', 'response_format'],
     [{ messages: [...ask, { role: 'tool', tool_call_id: 'call_x', content: '{}' }] }, 'invalid_request', 'messages.1'],
     [{ messages: [...ask, { role: 'assistant', tool_calls: [{ id: 'c1', type: 'function', function: { name: 'get_time', arguments: '{}' } }] }] }, 'invalid_request', 'messages.1'],
@@ -159,6 +159,34 @@ t.test('streamed tool calls: deltas over SSE, and the openai client stream helpe
   t.equal(final.choices[0]!.finish_reason, 'tool_calls');
   t.equal(call.function.arguments, args, 'the helper assembled the same arguments (same seed)');
   t.same(doneArgs, [args]);
+});
+
+t.test('logprobs: chat (non-streamed and streamed) and completions, one entry per generated token', async (t) => {
+  const r = await chat({ messages: ask, max_tokens: 10, seed: 3, temperature: 0.8, logprobs: true, top_logprobs: 3 });
+  t.equal(r.status, 200);
+  const content = r.body.choices[0].logprobs.content;
+  t.equal(content.length, r.body.usage.completion_tokens, 'one entry per token');
+  for (const e of content) {
+    t.ok(e.logprob <= 0 && Array.isArray(e.bytes), 'a log-probability and the bytes');
+    t.equal(e.top_logprobs.length, 3);
+    t.ok(e.top_logprobs[0].logprob >= e.top_logprobs[2].logprob && e.top_logprobs[0].logprob >= e.logprob - 1e-9, 'alternatives sorted, the first the likeliest');
+  }
+  const s = await n.post('/v1/chat/completions', { model: 'tiny', messages: ask, max_tokens: 10, seed: 3, temperature: 0.8, logprobs: true, stream: true });
+  const { events } = parseSse(await s.text());
+  const streamed = events.flatMap((e) => e.choices[0]?.logprobs?.content ?? []);
+  t.equal(streamed.length, 10, 'streamed: entries arrive with their deltas');
+  t.same(streamed.map((e: any) => e.logprob), content.map((e: any) => e.logprob), 'same seed, same tokens and log-probabilities');
+  t.equal(events.map((e) => e.choices[0]?.delta?.content ?? '').join(''), r.body.choices[0].message.content);
+
+  const c = (await (await n.post('/v1/completions', { model: 'tiny', prompt: 'the world is', max_tokens: 8, seed: 2, temperature: 0.8, logprobs: 2 })).json()) as any;
+  const lp = c.choices[0].logprobs;
+  t.equal(lp.tokens.length, 8);
+  t.equal(lp.token_logprobs.length, 8);
+  t.ok(lp.top_logprobs.every((m: Record<string, number>) => Object.keys(m).length >= 1 && Object.keys(m).length <= 2));
+  t.same(lp.text_offset[0], 0);
+  const plain = (await (await n.post('/v1/completions', { model: 'tiny', prompt: 'the world is', max_tokens: 8, seed: 2, temperature: 0.8 })).json()) as any;
+  t.equal(c.choices[0].text, plain.choices[0].text, 'the logprobs loop samples as the ordinary one does (same seed, same text)');
+  t.equal(plain.choices[0].logprobs, null);
 });
 
 t.test('embeddings: count, dimension, determinism, base64, usage', async (t) => {

@@ -87,6 +87,12 @@ t.test('sealed forced tool call: assembled by the SDK, then via phantoma proxy t
   t.same(emb.data[0]!.embedding, emb.data[1]!.embedding);
 });
 
+t.test('sealed logprobs: one entry per token, opened by the SDK', async (t) => {
+  const a = await client.send('tiny', { messages: [{ role: 'user', content: 'hi' }], max_tokens: 6, seed: 2, temperature: 0.8, logprobs: true, top_logprobs: 2 }, { stream: true });
+  t.equal(a.logprobs?.length, 6);
+  t.ok(a.logprobs!.every((e) => e.logprob <= 0 && e.top.length === 2));
+});
+
 t.test('sealed embeddings: the SDK opens one vector per input, identical to the plaintext route', async (t) => {
   const a = await client.send('tiny', { input: ['alpha beta', 'gamma'] });
   t.equal(a.embeddings?.length, 2);

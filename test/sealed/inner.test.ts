@@ -40,13 +40,16 @@ t.test('refusals carry the plaintext codes', async (t) => {
   t.equal(codeOf(() => open({ input: 'a', stream: true })), 'invalid_request', 'stream is a clear field');
   t.equal(codeOf(() => open({ messages: [{ role: 'tool', tool_call_id: 'x', content: 'r' }] })), 'invalid_request');
   t.equal(codeOf(() => open({ messages: [{ role: 'user', content: 'q' }], response_format: { type: 'json_schema', json_schema: { name: 'n', schema: { type: 'string', pattern: 'x' } } } })), 'unsupported_parameter');
-  t.equal(codeOf(() => open({ messages: [{ role: 'user', content: 'q' }], logprobs: true })), 'unsupported_parameter');
+  t.equal(codeOf(() => open({ messages: [{ role: 'user', content: 'q' }], top_logprobs: 2 })), 'invalid_request', 'top_logprobs without logprobs');
+  t.match(open({ messages: [{ role: 'user', content: 'q' }], logprobs: true, top_logprobs: 2 }).job, { params: { logprobs: 2 } });
+  t.match(open({ prompt: 'p', logprobs: 0 }).job, { params: { logprobs: 0 } });
 });
 
 t.test('the new events decode; malformed ones are refused', async (t) => {
   for (const e of [
     { t: 'tool_call', index: 0, id: 'call_1', name: 'f', arguments: '{"x"' },
     { t: 'tool_call', index: 0, arguments: ':1}' },
+    { t: 'logprobs', entries: [{ token: 'a', logprob: -0.5, bytes: [97], top: [] }] },
     { t: 'embedding', index: 1, offset: 0, length: 2, b64: Buffer.alloc(8).toString('base64') },
     { t: 'done', finish_reason: 'tool_calls', usage: { prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 } },
   ] as const) {

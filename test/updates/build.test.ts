@@ -60,6 +60,7 @@ t.test('production node_modules only, and the installer accepts the build exactl
   t.equal(lstatSync(join(dest, 'lib', 'payload.bin')).mode & 0o777, 0o644, 'others are 0644');
   t.equal(readlinkSync(join(dest, 'lib', 'link.json')), 'release.json', 'symlink kept');
   t.same(Object.keys(m).sort(), ['files', 'format', 'name', 'symlinks', 'version']);
+  await t.rejects(buildRelease({ root: tree, out: join(work, 'v.tar.gz'), paths: TREE_PATHS, version: '9.9.9', commit: null }), { code: 'release_build_failed', message: /package.json says version 1.2.3/ }, 'the manifest and package.json cannot disagree on the version');
 });
 
 t.test('the installer refuses a tarball that does not match its manifest, and unsafe manifests', async (t) => {
