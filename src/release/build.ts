@@ -6,7 +6,7 @@
 // gzip with a zero header mtime and fixed level, manifest keys in a fixed order, no build host or time.
 import { createHash } from 'node:crypto';
 import { createReadStream, createWriteStream, existsSync, lstatSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync } from 'node:fs';
-import { join, relative } from 'node:path';
+import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { createGzip, constants as zc } from 'node:zlib';
 import { execFileSync } from 'node:child_process';
@@ -134,8 +134,4 @@ export async function buildRelease(o: BuildOptions): Promise<BuildResult> {
   }
   const bytes = lstatSync(o.out).size;
   return { path: o.out, sha256: await sha256Of(o.out), bytes, files: files.length, symlinks: symlinks.length, version };
-}
-
-export function relativeTo(root: string, p: string): string {
-  return relative(root, p);
 }

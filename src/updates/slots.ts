@@ -6,7 +6,7 @@
 // A release is unpacked into the inactive slot with every entry checked against its manifest; only then
 // is `current` swapped. A failed install wipes the inactive slot and never touches the running one.
 import { createHash } from 'node:crypto';
-import { createReadStream, createWriteStream, existsSync, mkdirSync, readFileSync, readlinkSync, renameSync, rmSync, symlinkSync, writeFileSync, chmodSync } from 'node:fs';
+import { createReadStream, createWriteStream, existsSync, mkdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, symlinkSync, writeFileSync, chmodSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { createGunzip } from 'node:zlib';
 import { finished } from 'node:stream/promises';
@@ -121,6 +121,10 @@ export async function extractRelease(tarball: string, dest: string): Promise<Man
       }
       if (done.has(e.path)) throw mismatch(`${e.path} appears twice`);
       done.add(e.path);
+      // Nothing is written through a symlink of the release: a link may point anywhere inside the slot by
+      // its own path, but a chain of links could climb out, and a write through one would follow it.
+      const parts = e.path.split('/');
+      for (let i = 1; i < parts.length; i++) if (links.has(parts.slice(0, i).join('/'))) throw mismatch(`${e.path} lies under a symlink`);
       const abs = join(dest, e.path);
       if (e.type === 'symlink') {
         if (links.get(e.path) !== e.target) throw mismatch(`symlink ${e.path} is not in the manifest as it is`);
@@ -151,6 +155,18 @@ export async function extractRelease(tarball: string, dest: string): Promise<Man
     throw new PhantomaError(ERRORS.UPDATE_INSTALL_FAILED, `could not unpack the release: ${(err as Error).message}`, { cause: err });
   }
   if (!manifest) throw mismatch('the archive is empty');
+  // Every link that resolves must resolve inside the slot (a chain of contained-looking links can escape).
+  // The kernel's realpath(3): Node's JS realpathSync resolves "link/.." lexically and would miss it.
+  const top = realpathSync.native(dest);
+  for (const l of links.keys()) {
+    let real: string;
+    try {
+      real = realpathSync.native(join(dest, l));
+    } catch {
+      continue; // dangling: points at nothing, reads nothing
+    }
+    if (real !== top && !real.startsWith(`${top}/`)) throw mismatch(`symlink ${l} resolves outside the release`);
+  }
   const missing = [...files.keys(), ...links.keys()].filter((p) => !done.has(p));
   if (missing.length) throw mismatch(`${missing.length} listed entr${missing.length === 1 ? 'y is' : 'ies are'} missing (${missing[0]})`);
   return manifest;

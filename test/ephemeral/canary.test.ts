@@ -235,7 +235,7 @@ const poolState = async (): Promise<{ ready: number; busy: number }> => {
 const waitPoolFull = (): Promise<true> => until(async () => {
   const s = await poolState();
   return s.ready >= POOL_SIZE && s.busy === 0;
-}, 30_000, 'a full, idle pool');
+}, dockerd ? 180_000 : 60_000, 'a full, idle pool'); // a container worker starts in 3-4 s when idle, far slower under load
 
 // ---------------------------------------------------------------------------------------------------
 // Requests

@@ -7,6 +7,6 @@
 // scan; hence a longer time limit for this file.
 import t from 'tap';
 
-t.setTimeout(600_000);
+t.setTimeout(900_000);
 process.env.PHANTOMA_CANARY_BACKEND = 'docker';
 await import('./canary.test.ts');

@@ -4,7 +4,7 @@
 import t from 'tap';
 import { Ajv } from 'ajv';
 import { createLogger } from '../../src/logger.ts';
-import { createLlamaRuntime, loadModelFile, createContext, generateChat, generateEmbeddings, prepareChatWrapper } from '../../src/models/llama.ts';
+import { createLlamaRuntime, loadModelFile, createContext, generateChat, generateEmbeddings, prepareChatWrapper, generateWithLogprobs, generateCompletion } from '../../src/models/llama.ts';
 import { grammarSchema, toolCallSchema } from '../../src/models/grammar.ts';
 import { isPhantomaError } from '../../src/errors.ts';
 import { tinyModelPath } from '../helpers.ts';
@@ -97,4 +97,22 @@ t.test('embeddings in-process: the model width, deterministic, unit length', asy
   t.equal(long[0]?.length, 128, 'an input longer than the batch size is embedded whole');
   const err = await generateEmbeddings(model, ['word '.repeat(700)], { contextSize: 256, threads: 1, batchSize: 128 }).catch((e: unknown) => e);
   t.ok(isPhantomaError(err) && err.code === 'context_length_exceeded', 'longer than the context: refused with its code');
+});
+
+t.test('the logprobs loop: same text as the ordinary generators, stop strings, one entry per token', async (t) => {
+  const plain = await generateCompletion(context, 'the world is', { maxTokens: 12, seed: 5, temperature: 0.9 });
+  const pieces: string[] = [];
+  let entries = 0;
+  const lp = await generateWithLogprobs(context, { prompt: 'the world is' }, { maxTokens: 12, seed: 5, temperature: 0.9, topLogprobs: 2, onLogprobs: (text, e) => { pieces.push(text); entries += e.length; } });
+  t.equal(lp.text, plain.text, 'same seed, same text');
+  t.equal(pieces.join(''), lp.text, 'the pieces make the text');
+  t.equal(entries, 12);
+  t.equal(lp.finishReason, 'length');
+  const stop = lp.text.slice(4, 6);
+  const stopped = await generateWithLogprobs(context, { prompt: 'the world is' }, { maxTokens: 12, seed: 5, temperature: 0.9, topLogprobs: 0, stop: [stop] });
+  t.equal(stopped.text, lp.text.slice(0, lp.text.indexOf(stop)));
+  t.equal(stopped.finishReason, 'stop');
+  const chat = await generateWithLogprobs(context, { messages: [{ role: 'user', content: 'hi' }], chatWrapper }, { maxTokens: 8, temperature: 0, topLogprobs: 1 });
+  const same = await generateChat(context, [{ role: 'user', content: 'hi' }], { chatWrapper, maxTokens: 8, temperature: 0 });
+  t.equal(chat.text, same.text, 'greedy chat: the same answer as LlamaChat');
 });

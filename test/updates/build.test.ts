@@ -9,7 +9,28 @@ import { join } from 'node:path';
 import { buildRelease, productionPackages } from '../../src/release/build.ts';
 import { extractRelease } from '../../src/updates/slots.ts';
 import { isContainedLink, isSafeRelativePath, parseManifest } from '../../src/updates/manifest.ts';
+import { createWriteStream } from 'node:fs';
+import { createGzip } from 'node:zlib';
+import { pipeline } from 'node:stream/promises';
+import { tarStream, type TarEntry } from '../../src/updates/tar.ts';
 import { makeTree, TREE_PATHS, tamperedRelease } from './fixture.ts';
+
+/** A tarball whose manifest lists exactly its entries (so only the link rules can refuse it). */
+async function craft(out: string, files: Array<{ path: string; data: string }>, links: Array<{ path: string; target: string }>): Promise<string> {
+  const manifest = {
+    format: 'phantoma-release/1',
+    name: 'phantoma',
+    version: '1.0.0',
+    files: files.map((f) => ({ path: f.path, mode: 0o644, size: Buffer.byteLength(f.data), sha256: createHash('sha256').update(f.data).digest('hex') })),
+    symlinks: links,
+  };
+  const m = Buffer.from(JSON.stringify(manifest));
+  const entries: TarEntry[] = [{ type: 'file', path: 'manifest.json', mode: 0o644, size: m.length, data: () => [m] }];
+  for (const l of links) entries.push({ type: 'symlink', ...l });
+  for (const f of files) entries.push({ type: 'file', path: f.path, mode: 0o644, size: Buffer.byteLength(f.data), data: () => [Buffer.from(f.data)] });
+  await pipeline(tarStream(entries), createGzip(), createWriteStream(out));
+  return out;
+}
 
 const work = mkdtempSync(join(tmpdir(), 'phantoma-build-'));
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
@@ -73,6 +94,12 @@ t.test('the installer refuses a tarball that does not match its manifest, and un
   const garbage = join(work, 'garbage.tar.gz');
   writeFileSync(garbage, Buffer.from('not a gzip at all'));
   await t.rejects(extractRelease(garbage, join(work, 'slot-garbage')), { code: 'update_manifest_mismatch' });
+  // A chain of links that each look contained but together climb out of the slot.
+  const chain = await craft(join(work, 'chain.tar.gz'), [], [{ path: 'd/e', target: '..' }, { path: 'f', target: 'd/e/..' }]);
+  await t.rejects(extractRelease(chain, join(work, 'slot-chain')), { code: 'update_manifest_mismatch', message: /symlink f resolves outside the release/ });
+  // A file written through a link of the release.
+  const through = await craft(join(work, 'through.tar.gz'), [{ path: 'lnk/x', data: 'x' }], [{ path: 'lnk', target: 'lib' }]);
+  await t.rejects(extractRelease(through, join(work, 'slot-through')), { code: 'update_manifest_mismatch', message: /lnk\/x lies under a symlink/ });
   t.notOk(isSafeRelativePath('../etc/passwd'));
   t.notOk(isSafeRelativePath('/etc/passwd'));
   t.notOk(isSafeRelativePath('a//b'));
