@@ -1,4 +1,4 @@
-// Crash safety: a SIGKILLed warden and a SIGKILLed gateway leave workers behind; the next start kills
+// Crash safety: a SIGKILLed warden and a SIGKILLed gateway leave hung workers behind; the next start kills
 // and removes them (and their cgroups) before it serves.
 import t from 'tap';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -76,11 +76,17 @@ t.test('SIGKILL the warden and then the gateway: the next start cleans everythin
   t.ok(workers.length >= 2, `the warden has isolated workers (${workers})`);
   t.ok(workerCgroups().length >= 2, 'and worker cgroups exist (the check can see them)');
 
+  // A worker whose gateway is gone ends itself (EOF on its stdin), and a gateway that sees its warden gone
+  // fails closed and ends its workers. The orphans the next start must clean up are workers that cannot
+  // react: hung ones. SIGSTOP stands in for a hang, so what ends them below is the cleanup, nothing else.
+  for (const w of workers) process.kill(w, 'SIGSTOP');
+  t.teardown(() => {
+    for (const w of workers) if (alive(w)) process.kill(w, 'SIGKILL');
+  });
   process.kill(wardenPid!, 'SIGKILL');
-  await new Promise((r) => setTimeout(r, 300));
-  t.ok(workers.some(alive), 'workers outlive a SIGKILLed warden (so the cleanup below is what ends them)');
   first.proc.kill('SIGKILL');
   await new Promise((r) => first.proc.once('exit', r));
+  t.ok(workers.every(alive), 'hung workers outlive a SIGKILLed warden and gateway (so the cleanup below is what ends them)');
 
   const second = await serve();
   t.notOk(workers.some(alive), 'every worker of the crashed node is dead');
