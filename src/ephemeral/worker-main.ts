@@ -59,7 +59,13 @@ async function main(): Promise<void> {
   }
 
   // A worker that may get a sealed job warms that path too (src/sealed/warm.ts), on throwaway bytes.
-  if (spec.keydSocket && spec.warmup !== false) warmSealedPath(spec.modelName, context.contextSize);
+  if (spec.keydSocket && spec.warmup !== false) {
+    warmSealedPath(spec.modelName, context.contextSize);
+    // And the way to keyd (socket, framing, reply parsing: ≈ 1-2 ms cold) with a `ping`, which keyd
+    // answers anyone and which does not count as this worker's one decapsulation. keyd not answering now
+    // is not this worker's failure: its sealed job will report it.
+    await createKeydClient({ socketPath: spec.keydSocket, timeoutMs: 1000 }).ping().catch(() => undefined);
+  }
   // An idle warm worker should hold only what serving needs: collect the garbage of loading and warm-up,
   // then hand glibc's freed arena pages back (≈10 MiB per worker on the bench model; the pool holds several).
   (globalThis as { gc?: () => void }).gc?.();

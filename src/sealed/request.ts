@@ -2,7 +2,7 @@
 // envelope, signature); keyd turns the envelope's KEM fields into the per-request key; the worker opens the
 // body with it and seals its answer. The gateway is not here: it only runs envelope.ts's checks.
 import { randomBytes, type KeyObject } from 'node:crypto';
-import { combineKem, decapsulate, encapsulate, type KemSecrets, type RequestPrivateKeys, type RequestPublicKeys } from './kem.ts';
+import { combineKem, decapsulate, encapsulate, type KemSecrets, type PreparedRequestPrivateKeys, type RequestPrivateKeys, type RequestPublicKeys } from './kem.ts';
 import { ENVELOPE_VERSION, NONCE_BYTES, encodeEnvelope, encodeHeader, transcriptHashOf, type Envelope } from './envelope.ts';
 import { deriveSessionKeys, openBody, sealBody, type SessionKeys } from './seal.ts';
 
@@ -55,7 +55,7 @@ export function sealRequest(input: SealRequestInput): SealedRequest {
 }
 
 /** keyd: the per-request key for an envelope's KEM fields and transcript (one call per worker). */
-export function requestKeyFor(privateKeys: RequestPrivateKeys, env: Pick<Envelope, 'ephemeralPublicKey' | 'kemCiphertext' | 'transcriptHash'>): Uint8Array {
+export function requestKeyFor(privateKeys: RequestPrivateKeys | PreparedRequestPrivateKeys, env: Pick<Envelope, 'ephemeralPublicKey' | 'kemCiphertext' | 'transcriptHash'>): Uint8Array {
   const secrets = decapsulate(privateKeys, env.ephemeralPublicKey, env.kemCiphertext);
   try {
     return combineKem(secrets, env.transcriptHash);

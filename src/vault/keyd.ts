@@ -14,9 +14,9 @@ import { chmodSync, closeSync, mkdirSync, readFileSync, statSync, unlinkSync } f
 import { dirname } from 'node:path';
 import { peerPidfd, socketFd, peerCredentials } from '../native/addon.ts';
 import { ERRORS, PhantomaError } from '../errors.ts';
-import { MLKEM768_CIPHERTEXT_BYTES, TRANSCRIPT_HASH_BYTES, X25519_PUBLIC_BYTES } from '../sealed/kem.ts';
+import { MLKEM768_CIPHERTEXT_BYTES, TRANSCRIPT_HASH_BYTES, X25519_PUBLIC_BYTES, prepareRequestPrivateKeys, type PreparedRequestPrivateKeys } from '../sealed/kem.ts';
 import { requestKeyFor } from '../sealed/request.ts';
-import { identityPrivateKey, isKeyUsable, pruneExpiredKeys, requestPrivateKeys, type VaultContents } from './contents.ts';
+import { identityPrivateKey, isKeyUsable, pruneExpiredKeys, requestPrivateKeys, type RequestKeyEntry, type VaultContents } from './contents.ts';
 import { readVault, updateVault } from './store.ts';
 import type { SealKeys } from './format.ts';
 import { signPayload, canonicalJson, SIGN_PURPOSES, type KeyDocument, type SignPurpose } from './signing.ts';
@@ -84,6 +84,18 @@ export function createKeyService(deps: {
   releaseVersion?: string;
 }): KeyService {
   const used = new Set<string>();
+  // Imported key objects per request key id, remade when the vault's copy of that key changes.
+  const prepared = new Map<string, { source: string; keys: PreparedRequestPrivateKeys }>();
+  const preparedFor = (k: RequestKeyEntry): PreparedRequestPrivateKeys => {
+    const hit = prepared.get(k.id);
+    if (hit && hit.source === k.mlkemSecret) return hit.keys;
+    const keys = prepareRequestPrivateKeys(requestPrivateKeys(k));
+    // A rotated-out key leaves keyd's memory with its vault entry.
+    const live = new Set(deps.contents().requestKeys.map((x) => x.id));
+    for (const id of prepared.keys()) if (!live.has(id)) prepared.delete(id);
+    prepared.set(k.id, { source: k.mlkemSecret, keys });
+    return keys;
+  };
   const now = deps.now ?? (() => new Date());
   const audit = deps.audit ?? (() => {});
   const refuse = (caller: Caller, op: string, code: typeof ERRORS.KEYD_REFUSED, reason: string, message: string, workerId?: string): Record<string, unknown> => {
@@ -111,7 +123,7 @@ export function createKeyService(deps: {
     }
     let requestKey: Uint8Array;
     try {
-      requestKey = requestKeyFor(requestPrivateKeys(key), { ephemeralPublicKey: eph, kemCiphertext: ct, transcriptHash: th });
+      requestKey = requestKeyFor(preparedFor(key), { ephemeralPublicKey: eph, kemCiphertext: ct, transcriptHash: th });
     } catch {
       return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'the KEM fields do not decapsulate' };
     }
