@@ -1,7 +1,7 @@
 // phantoma local-chat: answers one prompt in this process with node-llama-cpp, streaming tokens to
 // stdout. A diagnostic and the baseline the gateway path is compared against; it serves no one.
 import type { Command } from './main.ts';
-import { cacheDirOf } from './main.ts';
+import { resolveFromRoot } from '../paths.ts';
 import { ERRORS, UsageError } from '../errors.ts';
 import { createLogger } from '../logger.ts';
 import { createModelRegistry } from '../models/registry.ts';
@@ -28,7 +28,7 @@ export const localChatCommand: Command = {
     const temperature = values.temperature === undefined ? 0.8 : Number(values.temperature);
     if (!(temperature >= 0 && temperature <= 2)) throw new UsageError(ERRORS.CLI_USAGE, '--temperature must be a number from 0 to 2');
     const logger = createLogger({ level: config.logLevel === 'info' ? 'warn' : config.logLevel });
-    const registry = createModelRegistry({ models: config.models, cacheDir: cacheDirOf(config) });
+    const registry = createModelRegistry({ models: config.models, cacheDir: resolveFromRoot(config.cacheDir) });
     const name = typeof values.model === 'string' ? values.model : config.defaultModel;
     const resolved = await registry.resolve(name, (n) => {
       const bar = createProgressBar(`generating ${n} model`);

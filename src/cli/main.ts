@@ -7,26 +7,6 @@ import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { configFlags, loadConfig } from '../config/load.ts';
 import type { Config } from '../config/schema.ts';
 import { ERRORS, UsageError, isPhantomaError, PhantomaError } from '../errors.ts';
-import { resolveFromRoot } from '../paths.ts';
-import { modelsCommand } from './models.ts';
-import { modelCommand } from './model.ts';
-import { localChatCommand } from './local-chat.ts';
-import { serveCommand } from './serve.ts';
-import { apikeysCommand } from './apikeys.ts';
-import { keysCommand } from './keys.ts';
-import { chatCommand } from './chat.ts';
-import { proxyCommand } from './proxy.ts';
-import { clientKeyCommand } from './client-key.ts';
-import { auditCommand } from './audit.ts';
-import { doctorCommand } from './doctor.ts';
-import { dockerCommand } from './docker.ts';
-import { egressCommand } from './egress.ts';
-import { vaultCommand } from './vault.ts';
-import { clientsCommand } from './clients.ts';
-import { enrollCommand } from './enroll.ts';
-import { heartbeatCommand } from './heartbeat.ts';
-import { keydCommand } from './keyd.ts';
-import { updateCommand } from './update.ts';
 
 export interface CommandContext {
   args: string[];
@@ -43,35 +23,40 @@ export interface Command {
   run(ctx: CommandContext, parsed: { values: Record<string, string | boolean | undefined>; positionals: string[] }): Promise<number>;
 }
 
-const COMMANDS: Record<string, Command> = {
-  serve: serveCommand,
-  chat: chatCommand,
-  proxy: proxyCommand,
-  'client-key': clientKeyCommand,
-  apikeys: apikeysCommand,
-  keys: keysCommand,
-  vault: vaultCommand,
-  clients: clientsCommand,
-  enroll: enrollCommand,
-  heartbeat: heartbeatCommand,
-  keyd: keydCommand,
-  update: updateCommand,
-  audit: auditCommand,
-  doctor: doctorCommand,
-  docker: dockerCommand,
-  egress: egressCommand,
-  models: modelsCommand,
-  model: modelCommand,
-  'local-chat': localChatCommand,
-  config: {
-    summary: 'validate the configuration and print it with defaults filled in',
-    usage: 'phantoma config check [--config FILE] [--json]',
-    async run(ctx, parsed) {
-      if (parsed.positionals[0] !== 'check') throw new UsageError(ERRORS.CLI_USAGE, `usage: ${this.usage}`);
-      const config = ctx.config();
-      ctx.out(ctx.json ? JSON.stringify(config) : `configuration is valid\n${JSON.stringify(config, null, 2)}`);
-      return 0;
-    },
+// Each command's module is loaded only when that command runs (or for `phantoma --help`): the modules of
+// serve, models and local-chat pull in fastify and node-llama-cpp, ≈ 1 s of CPU that `phantoma keys show`
+// or a health probe should not pay.
+const COMMANDS: Record<string, () => Promise<Command>> = {
+  serve: async () => (await import('./serve.ts')).serveCommand,
+  chat: async () => (await import('./chat.ts')).chatCommand,
+  proxy: async () => (await import('./proxy.ts')).proxyCommand,
+  'client-key': async () => (await import('./client-key.ts')).clientKeyCommand,
+  apikeys: async () => (await import('./apikeys.ts')).apikeysCommand,
+  keys: async () => (await import('./keys.ts')).keysCommand,
+  vault: async () => (await import('./vault.ts')).vaultCommand,
+  clients: async () => (await import('./clients.ts')).clientsCommand,
+  enroll: async () => (await import('./enroll.ts')).enrollCommand,
+  heartbeat: async () => (await import('./heartbeat.ts')).heartbeatCommand,
+  keyd: async () => (await import('./keyd.ts')).keydCommand,
+  update: async () => (await import('./update.ts')).updateCommand,
+  audit: async () => (await import('./audit.ts')).auditCommand,
+  doctor: async () => (await import('./doctor.ts')).doctorCommand,
+  docker: async () => (await import('./docker.ts')).dockerCommand,
+  egress: async () => (await import('./egress.ts')).egressCommand,
+  models: async () => (await import('./models.ts')).modelsCommand,
+  model: async () => (await import('./model.ts')).modelCommand,
+  'local-chat': async () => (await import('./local-chat.ts')).localChatCommand,
+  config: async () => CONFIG_COMMAND,
+};
+
+const CONFIG_COMMAND: Command = {
+  summary: 'validate the configuration and print it with defaults filled in',
+  usage: 'phantoma config check [--config FILE] [--json]',
+  async run(ctx, parsed) {
+    if (parsed.positionals[0] !== 'check') throw new UsageError(ERRORS.CLI_USAGE, `usage: ${this.usage}`);
+    const config = ctx.config();
+    ctx.out(ctx.json ? JSON.stringify(config) : `configuration is valid\n${JSON.stringify(config, null, 2)}`);
+    return 0;
   },
 };
 
@@ -85,8 +70,9 @@ function settingOptions(): ParseArgsConfig['options'] {
   return Object.fromEntries(configFlags().map((f) => [f.flag.slice(2), { type: 'string' as const }]));
 }
 
-function mainHelp(): string {
-  const cmds = Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(12)} ${c.summary}`).join('\n');
+async function mainHelp(): Promise<string> {
+  const loaded = await Promise.all(Object.entries(COMMANDS).map(async ([name, load]) => [name, await load()] as const));
+  const cmds = loaded.map(([name, c]) => `  ${name.padEnd(12)} ${c.summary}`).join('\n');
   const settings = configFlags().map((f) => `  ${`${f.flag}=<${f.kind}>`.padEnd(28)} ${f.description}`).join('\n');
   return `phantoma — private LLM inference appliance\n\nusage: phantoma <command> [options]\n\ncommands:\n${cmds}\n\nglobal options:\n  --config FILE               JSON configuration file\n  --json                      machine-readable output\n  -h, --help                  help for phantoma or a command\n\nsettings (override the config file):\n${settings}\n\nexit codes: 0 ok, 1 internal error, 2 usage or configuration error, 3 model error,\n  4 authentication or rate limit, 5 node could not serve, 6 node unreachable or TLS pin mismatch,\n  7 audit log failed verification, 8 a host check failed, 9 vault or keyd refused,\n  10 control plane or license refused`;
 }
@@ -94,20 +80,21 @@ function mainHelp(): string {
 export async function runCli(argv: string[], io: { out: (s: string) => void; err: (s: string) => void }): Promise<number> {
   const [name, ...rest] = argv;
   if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
-    io.out(mainHelp());
+    io.out(await mainHelp());
     return name === undefined ? 2 : 0;
   }
   if (name === '--version') {
     io.out('phantoma 0.1.0');
     return 0;
   }
-  const command = COMMANDS[name];
   try {
     const [major, minor] = process.versions.node.split('.').map(Number) as [number, number];
     if (major !== 24 || minor < 15) {
       throw new PhantomaError(ERRORS.RUNTIME_UNSUPPORTED, `Node ${process.versions.node} is not the pinned Node 24 LTS (>= 24.15); run scripts/setup.sh and use bin/phantoma`);
     }
-    if (!command) throw new UsageError(ERRORS.CLI_USAGE, `unknown command "${name}" (try phantoma --help)`);
+    const load = Object.hasOwn(COMMANDS, name) ? COMMANDS[name] : undefined;
+    if (!load) throw new UsageError(ERRORS.CLI_USAGE, `unknown command "${name}" (try phantoma --help)`);
+    const command = await load();
     let parsed;
     try {
       parsed = parseArgs({ args: rest, options: { ...GLOBAL_OPTIONS, ...settingOptions(), ...command.options }, allowPositionals: true, strict: true });
@@ -136,10 +123,6 @@ export async function runCli(argv: string[], io: { out: (s: string) => void; err
     else io.err(`phantoma: ${e.message} [${e.code}]`);
     return e.exit;
   }
-}
-
-export function cacheDirOf(config: Readonly<Config>): string {
-  return resolveFromRoot(config.cacheDir);
 }
 
 if (import.meta.main) {

@@ -1,7 +1,7 @@
 // phantoma models ensure|list|check
 import { statSync } from 'node:fs';
 import type { Command } from './main.ts';
-import { cacheDirOf } from './main.ts';
+import { resolveFromRoot } from '../paths.ts';
 import { ERRORS, UsageError } from '../errors.ts';
 import { createModelRegistry } from '../models/registry.ts';
 import { ensureTestModel, TEST_MODELS } from '../models/test-models.ts';
@@ -16,7 +16,7 @@ export const modelsCommand: Command = {
   async run(ctx, { values, positionals }) {
     const [sub, ...names] = positionals;
     const config = ctx.config();
-    const cacheDir = join(cacheDirOf(config), 'models');
+    const cacheDir = join(resolveFromRoot(config.cacheDir), 'models');
     if (sub === 'ensure') {
       const wanted = names.length > 0 ? names : Object.keys(TEST_MODELS);
       const results = [];
@@ -33,7 +33,7 @@ export const modelsCommand: Command = {
       return 0;
     }
     if (sub === 'list') {
-      const registry = createModelRegistry({ models: config.models, cacheDir: cacheDirOf(config) });
+      const registry = createModelRegistry({ models: config.models, cacheDir: resolveFromRoot(config.cacheDir) });
       const rows = [];
       for (const name of registry.names()) {
         const m = await registry.resolve(name);
