@@ -7,6 +7,7 @@ import { createLogger } from '../logger.ts';
 import { createModelRegistry } from '../models/registry.ts';
 import { createLlamaRuntime, loadModelFile, createContext, prepareChatWrapper, generateChat } from '../models/llama.ts';
 import { createProgressBar } from './progress.ts';
+import { readGgufSummary } from '../models/gguf-reader.ts';
 import { intOption } from './options.ts';
 
 export const localChatCommand: Command = {
@@ -37,6 +38,8 @@ export const localChatCommand: Command = {
         if (d >= t) bar.finish();
       };
     });
+    // The file's header is checked before llama.cpp starts (seconds of binary self-test): a bad file fails fast.
+    readGgufSummary(resolved.path);
     const runtime = await createLlamaRuntime({ logger });
     try {
       const loaded = await loadModelFile(runtime, resolved.path, resolved.sha256 ? { sha256: resolved.sha256 } : {});
