@@ -36,8 +36,8 @@ import {
 
 /**
  * Gateway-memory ceilings: canary copies found in the serve process after a forced GC, on the plaintext path
- * (TLS off), over all the requests below (131 distinct canaries), per worker backend. Measured, then
- * committed with a little headroom (the count includes freed, not yet reused memory, so it varies run to
+ * (TLS off), over all the requests below, per worker backend (131 distinct canaries when measured, with 40
+ * normal requests; 20 now, so the ceilings are looser than they were). Measured, then committed with a little headroom (the count includes freed, not yet reused memory, so it varies run to
  * run); lower them as the gateway learns to forget.
  *   process backend, 4 runs: 101, 91, 63, 54        warden backend, 4 runs: 127, 184, 191, 166
  * Where they are (PHANTOMA_CANARY_DIAG=1 prints each copy's surroundings, canaries masked): in the malloc heap,
@@ -459,10 +459,11 @@ const counts = { normal: 0, timeout: 0, cancel: 0, kill: 0, malformed: 0 };
 
 t.test('plain and streamed chat and completions, timeouts and cancellations, each prompt with its own canaries', async (t) => {
   const normalTasks: Array<() => Promise<string | undefined>> = [];
-  for (let i = 0; i < 14; i++) normalTasks.push(() => normal('chat', false, i, i === 0 ? `?trace=${canary()}` : ''));
-  for (let i = 0; i < 12; i++) normalTasks.push(() => normal('chat', true, i));
-  for (let i = 0; i < 8; i++) normalTasks.push(() => normal('completion', false, i));
-  for (let i = 0; i < 6; i++) normalTasks.push(() => normal('completion', true, i));
+  // Each path several times (every request is a fresh worker, ≈ 1-2 s of the suite's budget each).
+  for (let i = 0; i < 6; i++) normalTasks.push(() => normal('chat', false, i, i === 0 ? `?trace=${canary()}` : ''));
+  for (let i = 0; i < 6; i++) normalTasks.push(() => normal('chat', true, i));
+  for (let i = 0; i < 4; i++) normalTasks.push(() => normal('completion', false, i));
+  for (let i = 0; i < 4; i++) normalTasks.push(() => normal('completion', true, i));
   const special: Array<() => Promise<string | undefined>> = [
     () => timedOut('chat', false, 7),
     () => cancelled('chat', 1),

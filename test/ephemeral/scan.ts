@@ -154,11 +154,15 @@ export interface FileScanResult {
 const CHUNK = 1 << 20;
 const PAGE = 4096;
 
+// One read buffer for every file: a fresh 1 MiB per file is an mmap, page faults and zero-filling on each
+// of tens of thousands of files (it tripled the scan's time).
+let readBuffer: Buffer | undefined;
+
 function scanFileContent(path: string, m: Matcher, counts: Map<string, number>): number {
   const fd = openSync(path, 'r');
   try {
     const s = createStreamScanner(m, counts);
-    const buf = Buffer.allocUnsafe(CHUNK);
+    const buf = (readBuffer ??= Buffer.allocUnsafe(CHUNK));
     let total = 0;
     for (;;) {
       const n = readSync(fd, buf, 0, CHUNK, null);
