@@ -27,6 +27,7 @@ import { buildGateway, type ServedModel } from './gateway/app.ts';
 import { createNodeControl, type NodeControl } from './control/node-control.ts';
 import { keydSigner, type NodeSigner } from './control/node.ts';
 import { createAuditLog, auditDirOf, type AuditLog } from './audit/audit-log.ts';
+import { drainPendingAudit } from './audit/pending.ts';
 import type { AuditEvent } from './audit/audit-events.ts';
 import type { PoolObserver } from './ephemeral/pool.ts';
 import { swapPolicy, type SwapDevice } from './doctor/checks.ts';
@@ -52,6 +53,8 @@ export interface RunningNode {
   /** The egress monitor (warden-backed nodes), and the egress policy hash for key documents and receipts. */
   egress: EgressMonitor | undefined;
   egressPolicyHash(): string;
+  /** keyd's ping, when the node has a vault (the systemd readiness and watchdog checks, src/service/). */
+  keydPing?: () => Promise<unknown>;
   /** Stops accepting, lets requests in flight finish (bounded by shutdownGraceMs), then ends every worker. */
   close(): Promise<void>;
 }
@@ -68,6 +71,8 @@ export interface NodeDeps {
   heartbeatSigner?: NodeSigner;
   /** The clock licensing and heartbeats use (tests move it past a lease's expiry). */
   controlClock?: () => number;
+  /** Start-up progress, one short line per stage (systemd STATUS= under `phantoma serve`, src/service/). */
+  status?: (line: string) => void;
 }
 
 /** The LD_PRELOAD library built by scripts/setup.sh; refusing to start without it beats a silent slowdown. */
@@ -134,6 +139,8 @@ export function apiKeyStorePath(config: Readonly<Config>): string {
 
 export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promise<RunningNode> {
   const log = deps.logger;
+  const status = deps.status ?? (() => undefined);
+  status('starting: checking the models');
   const stateDir = resolveFromRoot(config.stateDir);
   mkdirSync(stateDir, { recursive: true, mode: 0o700 });
   const modelDir = modelDirOf(stateDir);
@@ -154,9 +161,11 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   );
   // keyd first when there is a vault (issue 7): the warden binds its socket into every worker it spawns.
   const keydAudit: { to?: (e: AuditEvent) => void } = {};
+  status('starting: keyd');
   const keyd = await startNodeKeyd(config, { logger: log, env: deps.vaultEnv ?? process.env, audit: (e) => keydAudit.to?.(e) });
   let warden: WardenProcess | undefined;
   let backend: WorkerBackend;
+  status('starting: connecting to the warden');
   try {
     warden = deps.backend ? undefined : await startWardenIfConfigured(config, log, resolvedModels.map((m) => m.path), keyd?.socketPath);
     backend = deps.backend ?? (await createBackend(config, stateDir, log));
@@ -189,6 +198,10 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
     ...(deps.controlClock ? { clock: deps.controlClock } : {}),
   });
   record({ type: 'node_started', version: installedVersion(), pid: process.pid });
+  // What `phantoma update …` and systemd's trial-boot units recorded while this node was not the writer.
+  const pending = drainPendingAudit(auditDirOf(config), record);
+  if (pending.recorded > 0 || pending.skipped > 0) log.info({ recorded: pending.recorded, skipped: pending.skipped }, 'pending audit events recorded');
+  if (pending.skipped > 0) log.warn({ skipped: pending.skipped }, 'pending audit lines that were not valid events were dropped');
   keydAudit.to = record;
   // Maintenance windows (issue 10): an expired window is closed (and stray download allowlist entries
   // removed) before anything else; then the keeper closes the open window at its deadline.
@@ -197,6 +210,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
     : undefined;
   // Egress filter (issue 9): verified by the kernel's word (and a live probe) before any worker starts;
   // while it is not, no worker starts, running ones end, and /readyz says why (src/egress/gate.ts).
+  status('starting: verifying the egress filter');
   const egress = await setupNodeEgress({ config, backend, wardenBackend: !deps.backend && config.workers.backend === 'warden', logger: log, audit: record, registry: metrics.registry });
   backend = egress.backend;
   const observer: PoolObserver = {
@@ -333,6 +347,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
     record({ type: 'node_stopped', reason: 'shutdown' });
     audit.close();
   };
+  status('starting: opening the gateway');
   try {
     await app.listen({ host: g.host, port: g.port });
     await metricsApp.listen({ host: g.metricsHost, port: g.metricsPort });
@@ -360,6 +375,7 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
     audit,
     egress: egress.monitor,
     egressPolicyHash: egress.policyHash,
+    ...(keyd ? { keydPing: () => keyd.client.ping() } : {}),
     close: () => (closing ??= closeAll()),
   };
 }

@@ -12,6 +12,8 @@ import { runCli } from '../../src/cli/main.ts';
 import { initSlots, markGoodIfOnTrial } from '../../src/updates/slots.ts';
 import { ROOT } from '../helpers.ts';
 import { makeRelease } from './fixture.ts';
+import { PENDING_NAME, drainPendingAudit } from '../../src/audit/pending.ts';
+import { createAuditLog, tailAuditLog, verifyAuditLog } from '../../src/audit/audit-log.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'phantoma-relcli-'));
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
@@ -101,4 +103,13 @@ t.test('phantoma update status|check|apply|rollback against a repository directo
   t.match((await run('status')).out, /running 0\.1\.0 from slot a/);
   const bad = await run('bogus');
   t.equal(bad.code, 2);
+  // The outcomes wait beside the node's audit log (serve may be its writer), and go into the chain at its next start.
+  const auditDir = join(work, 'state', 'audit');
+  const pending = readFileSync(join(auditDir, PENDING_NAME), 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { type: string });
+  t.same(pending.map((e) => e.type), ['update_installed', 'update_rolled_back'], 'apply and rollback were recorded as pending audit events');
+  const log = createAuditLog({ dir: auditDir, maxFileBytes: 1 << 20 });
+  t.same(drainPendingAudit(auditDir, (e) => log.append(e)), { recorded: 2, skipped: 0 });
+  log.close();
+  t.equal(verifyAuditLog(auditDir).ok, true, 'the chain verifies with them in it');
+  t.same(tailAuditLog(auditDir, 2).map((e) => [e.type, (e as { version?: string; manual?: boolean }).version ?? (e as { manual?: boolean }).manual]), [['update_installed', '0.2.0'], ['update_rolled_back', true]]);
 });
