@@ -27,7 +27,15 @@ createVault(vaultPath, { kind: 'passphrase', secret: Buffer.from('sealed depth')
 const identityPin = identityFingerprint(Buffer.from(contents.identity.publicKey, 'base64'));
 process.env.PHANTOMA_VAULT_PASSPHRASE = 'sealed depth';
 
-const n: TestNode = await startTestNode({ vault: { path: vaultPath, keydSocket: join(tmp, 'keyd', 'keyd.sock') }, gateway: { requestTimeoutMs: 60_000, rateLimitPerMinute: 1000 } });
+// Two models: the second (tiny-wide, 192-wide embeddings) lazy, so it costs a worker only when its test runs.
+const n: TestNode = await startTestNode({
+  vault: { path: vaultPath, keydSocket: join(tmp, 'keyd', 'keyd.sock') },
+  gateway: { requestTimeoutMs: 60_000, rateLimitPerMinute: 1000 },
+  models: [
+    { name: 'tiny', builtin: 'tiny' },
+    { name: 'wide', builtin: 'tiny-wide', pool: { size: 1, load: 'lazy' } },
+  ],
+});
 t.teardown(() => n.close());
 const client = createSealedClient({ url: n.url, identityPin, clientName: 'alice', clientKey: alice.privateKey });
 const ajv = new Ajv({ strict: false });
@@ -41,6 +49,14 @@ t.test('sealed json_schema: the opened answer parses and validates', async (t) =
   t.equal(a.finishReason, 'stop');
   t.ok(ajv.validate(ORDER, JSON.parse(a.text)), a.text);
   t.equal(a.receipt.outcome, 'ok');
+});
+
+t.test('sealed json_object: the opened answer is a JSON object', async (t) => {
+  // Seed 14 at temperature 1 closes its object (see the plaintext test); random weights often ramble.
+  const a = await client.send('tiny', { messages: [{ role: 'user', content: 'json please' }], max_tokens: 120, seed: 14, temperature: 1, response_format: { type: 'json_object' } });
+  t.equal(a.finishReason, 'stop');
+  const v = JSON.parse(a.text);
+  t.ok(typeof v === 'object' && v !== null && !Array.isArray(v) && Object.keys(v).length >= 1, a.text);
 });
 
 t.test('sealed refusal of an unenforceable schema comes back sealed, with its code', async (t) => {
@@ -85,6 +101,24 @@ t.test('sealed forced tool call: assembled by the SDK, then via phantoma proxy t
   t.equal(emb.data.length, 2);
   t.equal(emb.data[0]!.embedding.length, 128);
   t.same(emb.data[0]!.embedding, emb.data[1]!.embedding);
+});
+
+t.test('sealed named tool_choice: the named function is called, streamed through the SDK', async (t) => {
+  const TIME = { type: 'function', function: { name: 'get_time', parameters: { type: 'object', properties: { zone: { enum: ['utc', 'cet'] } }, required: ['zone'], additionalProperties: false } } };
+  const a = await client.send('tiny', { messages: [{ role: 'user', content: 'time?' }], max_tokens: 60, seed: 5, tools: [WEATHER, TIME], tool_choice: { type: 'function', function: { name: 'get_time' } } }, { stream: true });
+  t.equal(a.finishReason, 'tool_calls');
+  t.equal(a.toolCalls?.length, 1);
+  t.equal(a.toolCalls![0]!.name, 'get_time');
+  t.ok(ajv.validate(TIME.function.parameters, JSON.parse(a.toolCalls![0]!.arguments)), a.toolCalls![0]!.arguments);
+});
+
+t.test('sealed requests to two models: each served by its own (embedding width 128 vs 192)', async (t) => {
+  const wide = n.node.models.find((m) => m.name === 'wide')!.pool;
+  t.equal(wide.workers().length, 0, 'the lazy pool has no worker before its first request');
+  const a = await client.send('wide', { input: ['which model'] });
+  t.equal(a.embeddings?.[0]?.length, 192, 'tiny-wide embeds into 192 dimensions');
+  const b = await client.send('tiny', { input: ['which model'] });
+  t.equal(b.embeddings?.[0]?.length, 128, 'tiny into 128');
 });
 
 t.test('sealed logprobs: one entry per token, opened by the SDK', async (t) => {

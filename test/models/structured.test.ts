@@ -26,6 +26,9 @@ t.test('json_schema: 50 seeds, nested objects, enums and arrays, all parse and v
   const schema = grammarSchema(ORDER, 'response_format.json_schema.schema');
   const failures: string[] = [];
   const statuses = new Set<string>();
+  let withItems = 0;
+  let sized = 0;
+  const started = performance.now();
   for (let seed = 1; seed <= 50; seed++) {
     const r = await generateChat(context, [{ role: 'user', content: 'an order please' }], { chatWrapper, maxTokens: 400, seed, temperature: 1, responseFormat: { type: 'json_schema', schema } });
     let value: any;
@@ -37,9 +40,37 @@ t.test('json_schema: 50 seeds, nested objects, enums and arrays, all parse and v
     }
     if (!validate(value)) failures.push(`seed ${seed}: ${JSON.stringify(validate.errors)}`);
     statuses.add(value.status);
+    if (value.items?.length > 0) withItems++;
+    if (value.items?.some((i: { size: unknown }) => i.size !== null)) sized++;
   }
+  t.comment(`50 json_schema generations in ${Math.round(performance.now() - started)} ms`);
   t.same(failures, [], 'every generation parses and validates');
   t.ok(statuses.size >= 2, `different seeds give different answers (statuses ${[...statuses]})`);
+  t.ok(withItems >= 5, `the array schema is exercised: ${withItems} answers have items`);
+  t.ok(sized >= 1, `the anyOf enum branch is exercised: ${sized} answers have a sized item`);
+});
+
+t.test('json_object: every answer is an object; each one that stops parses', async (t) => {
+  const failures: string[] = [];
+  let stopped = 0;
+  let members = 0;
+  for (let seed = 1; seed <= 25; seed++) {
+    const r = await generateChat(context, [{ role: 'user', content: 'json please' }], { chatWrapper, maxTokens: 120, seed, temperature: 1, responseFormat: { type: 'json_object' } });
+    if (!r.text.trimStart().startsWith('{')) failures.push(`seed ${seed}: not an object: ${r.text.slice(0, 40)}`);
+    if (r.finishReason !== 'stop') continue;
+    stopped++;
+    try {
+      const v = JSON.parse(r.text);
+      if (typeof v !== 'object' || v === null || Array.isArray(v)) failures.push(`seed ${seed}: not an object: ${r.text}`);
+      else if (Object.keys(v).length > 0) members++;
+    } catch {
+      failures.push(`seed ${seed}: does not parse: ${r.text.slice(0, 80)}`);
+    }
+  }
+  t.same(failures, []);
+  // Random weights mostly ramble inside one string until max_tokens; some seeds close the object.
+  t.ok(stopped >= 3, `${stopped} of 25 finished`);
+  t.ok(members >= 1, 'at least one finished object has members');
 });
 
 t.test('forced tool calls: 50 seeds, each a declared function with arguments that validate', async (t) => {
