@@ -1,13 +1,18 @@
 // The control plane never connects to a node. It runs here as its own process (`phantoma-cp serve`) on a
-// real Postgres server while nodes enrol, heartbeat, renew and one is revoked; a sampler reads the
-// process's sockets from /proc every few milliseconds and classifies each: listening, accepted on its own
-// API or metrics port (inbound), or connected to the Postgres port. Anything else — an outbound TCP
-// connection anywhere, or any UDP socket (a DNS lookup) — is a violation. (The stronger form, running it
-// under the kernel egress filter with only Postgres allowlisted, waits for a socket-level-only egress
-// cgroup: see docs/licensing.md.)
+// real Postgres server while nodes enrol, heartbeat, renew and one is revoked, watched two ways:
+//  - the kernel: the process runs in a cgroup of the test's own to which the warden's socket-level egress
+//    programs (connect4/6, sendmsg4/6 — not the skb program, which would drop its replies to the nodes)
+//    are attached, sharing the download/ set's allowlist, which holds only the Postgres address. Every
+//    other connect or datagram, loopback included, fails with EPERM and is reported as a deny event naming
+//    the cgroup. Positive control: a connection and a datagram from that cgroup to a loopback listener of
+//    the test's are refused and reported. Then zero further deny events for the cgroup.
+//  - /proc: a sampler reads the process's sockets every few milliseconds and classifies each: listening,
+//    accepted on its own API or metrics port (inbound), or connected to the Postgres port. Anything else —
+//    an outbound TCP connection anywhere, or any UDP socket (a DNS lookup) — is a violation.
 import t from 'tap';
-import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { createServer } from 'node:net';
+import { mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import http from 'node:http';
@@ -15,6 +20,7 @@ import { ROOT } from '../helpers.ts';
 import { createLeaseKey } from '../../control-plane/src/lease-key.ts';
 import { simNode, WEAK } from './rig.ts';
 import { startPostgres } from './postgres.ts';
+import { buildAll, cleanupWardenLeftovers, rmdirRetry, startWarden, subscribe } from '../egress/rig.ts';
 
 interface Sock {
   proto: string;
@@ -44,16 +50,65 @@ function socketsOf(pid: number): Sock[] {
   return out;
 }
 
-t.test('the control plane opens no connection except to its database', async (t) => {
+/** Runs `argv` as a process of `cgroupDir` from its first instruction (a shell joins it, then execs). */
+function inCgroup(cgroupDir: string, argv: string[]): string[] {
+  return ['/bin/sh', '-c', `echo $$ > "${join(cgroupDir, 'cgroup.procs')}" && exec "$0" "$@"`, ...argv];
+}
+
+const SOCKET_HOOKS = ['connect4', 'connect6', 'sendmsg4', 'sendmsg6'] as const;
+
+t.test('the control plane opens no connection except to its database: under the kernel egress filter, and in /proc', async (t) => {
   const pg = await startPostgres();
   t.teardown(() => pg.stop());
   const dataDir = mkdtempSync(join(tmpdir(), 'phantoma-cp-proc-'));
   t.teardown(() => rmSync(dataDir, { recursive: true, force: true }));
+
+  // The warden loads and pins the egress programs; download/'s allowlist gets the Postgres address only.
+  buildAll(dataDir);
+  const name = `phantoma-cp-egress-${process.pid}`;
+  const w = await startWarden({ name, sockDir: dataDir });
+  t.teardown(async () => {
+    await w.stop();
+    cleanupWardenLeftovers(name);
+  });
+  await w.egress.allow('tcp', '127.0.0.1/32', pg.port);
+  const status = await w.egress.status();
+  t.same(status.downloadAllow, [`tcp:127.0.0.1/32:${pg.port}`], 'the allowlist holds the Postgres address and nothing else');
+  const events = await subscribe(w.egress);
+  t.teardown(() => events.stream.close());
+  // The control plane's own cgroup (v2), with the download set's pinned socket programs attached.
+  const cg = join('/sys/fs/cgroup/unified', `phantoma-cp-${process.pid}`);
+  mkdirSync(cg);
+  t.teardown(() => rmdirRetry(cg));
+  const cgId = statSync(cg).ino;
+  for (const hook of SOCKET_HOOKS) {
+    const r = spawnSync('bpftool', ['cgroup', 'attach', cg, hook, 'pinned', join(status.pins, 'download', `prog_${hook}`)], { encoding: 'utf8' });
+    t.equal(r.status, 0, `${hook} attached to the control plane's cgroup ${r.stderr}`);
+  }
+  const attached = spawnSync('bpftool', ['cgroup', 'show', cg], { encoding: 'utf8' }).stdout;
+  t.same(SOCKET_HOOKS.filter((h) => new RegExp(`\\begress_${h}\\b`).test(attached)), [...SOCKET_HOOKS], `bpftool shows the four socket programs on the cgroup, and no skb program:\n${attached}`);
+  t.notMatch(attached, /egress_skb/);
+
+  // Positive control: from that cgroup, a loopback listener of ours is unreachable and each attempt is reported.
+  const bait = createServer((s) => s.destroy());
+  let baitReached = 0;
+  bait.on('connection', () => baitReached++);
+  await new Promise<void>((r) => bait.listen(0, '127.0.0.1', () => r()));
+  t.teardown(() => bait.close());
+  const baitPort = (bait.address() as { port: number }).port;
+  const probe = `const net=require('node:net'),dgram=require('node:dgram');const out={};const s=dgram.createSocket('udp4');s.send(Buffer.from('x'),${baitPort},'127.0.0.1',(e)=>{out.udp=e?e.code:'sent';s.close();net.connect(${baitPort},'127.0.0.1').on('connect',()=>{out.tcp='connected';console.log(JSON.stringify(out));process.exit(0)}).on('error',(e)=>{out.tcp=e.code;console.log(JSON.stringify(out))})})`;
+  const [pSh, ...pArgs] = inCgroup(cg, [join(ROOT, '.runtime', 'bin', 'node'), '-e', probe]);
+  const control = spawnSync(pSh!, pArgs, { encoding: 'utf8', timeout: 20_000 });
+  t.same(JSON.parse(control.stdout.trim() || '{}'), { udp: 'EPERM', tcp: 'EPERM' }, `the control's connect and datagram fail with EPERM ${control.stderr}`);
+  const controlEvents = await events.forCgroup(cgId, 2);
+  t.same(controlEvents.map((e) => [e.set, e.hook, e.dst, e.port]).sort(), [['download', 'connect4', '127.0.0.1', baitPort], ['download', 'sendmsg4', '127.0.0.1', baitPort]], 'both are reported as deny events naming the cgroup');
+  t.equal(baitReached, 0, 'the listener saw no connection');
   const pass = 'no outbound test';
   createLeaseKey(dataDir, { kind: 'passphrase', secret: Buffer.from(pass) }, WEAK);
   const config = join(dataDir, 'cp.json');
   writeFileSync(config, JSON.stringify({ dataDir, database: pg.url, host: '127.0.0.1', port: 0, metricsPort: 0, logLevel: 'warn', key: { kdfLog2N: 10, allowWeakKdf: true } }));
-  const cp = spawn(join(ROOT, '.runtime', 'bin', 'node'), ['--disable-warning=ExperimentalWarning', join(ROOT, 'control-plane', 'src', 'main.ts'), 'serve', '--config', config, '--json'], {
+  const [cpSh, ...cpArgs] = inCgroup(cg, [join(ROOT, '.runtime', 'bin', 'node'), '--disable-warning=ExperimentalWarning', join(ROOT, 'control-plane', 'src', 'main.ts'), 'serve', '--config', config, '--json']);
+  const cp = spawn(cpSh!, cpArgs, {
     env: { ...process.env, PHANTOMA_CP_PASSPHRASE: pass },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
@@ -129,6 +184,10 @@ t.test('the control plane opens no connection except to its database', async (t)
   await new Promise((r) => setTimeout(r, 50));
   clearInterval(sampler);
 
+  t.equal(readFileSync(join(cg, 'cgroup.procs'), 'utf8').trim(), String(cp.pid), 'the control plane ran in the filtered cgroup throughout');
+  await new Promise((r) => setTimeout(r, 200)); // events still in the ring buffer
+  const after = events.events.filter((e) => e.cgroupId === cgId).length - controlEvents.length;
+  t.equal(after, 0, 'zero deny events from the control plane while nodes enrolled, beat, renewed and one was revoked');
   t.ok(samples > 20, `sampled the process's sockets ${samples} times`);
   t.ok(sawInbound, 'saw the nodes connect in');
   t.ok(sawDb, 'saw the database connections (the sampler sees outbound sockets)');
