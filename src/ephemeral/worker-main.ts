@@ -9,7 +9,8 @@ import { setDumpable, mallocTrim } from '../native/addon.ts';
 import { parseEnvelope } from '../sealed/envelope.ts';
 import { deriveSessionKeys, openBody, createChunkSealer } from '../sealed/seal.ts';
 import { jobFromSealedBody, encodeEvent, type SealedEvent } from '../sealed/inner.ts';
-import { createKeydClient } from '../vault/keyd-client.ts';
+import { createKeydClient, openKeydConnection, type KeydConnection } from '../vault/keyd-client.ts';
+import { KEYD_IDLE_MS } from '../vault/keyd.ts';
 import { warmSealedPath } from '../sealed/warm.ts';
 import type { LlamaContext, ChatWrapper } from 'node-llama-cpp';
 import type { ToolCall } from './worker-protocol.ts';
@@ -39,6 +40,9 @@ async function exit(code: number): Promise<never> {
   process.exit(code);
 }
 
+/** keyd, connected while warm (sealed jobs only); the decapsulation goes over it. */
+let heldKeyd: { connection: KeydConnection; lastUsed: number } | undefined;
+
 async function main(): Promise<void> {
   // First thing: no core dump of, and no same-uid ptrace or /proc/<pid>/mem access to, what this process
   // will hold. (dumpable resets on execve, so the worker sets it itself.)
@@ -61,10 +65,18 @@ async function main(): Promise<void> {
   // A worker that may get a sealed job warms that path too (src/sealed/warm.ts), on throwaway bytes.
   if (spec.keydSocket && spec.warmup !== false) {
     warmSealedPath(spec.modelName, context.contextSize);
-    // And the way to keyd (socket, framing, reply parsing: ≈ 1-2 ms cold) with a `ping`, which keyd
-    // answers anyone and which does not count as this worker's one decapsulation. keyd not answering now
-    // is not this worker's failure: its sealed job will report it.
-    await createKeydClient({ socketPath: spec.keydSocket, timeoutMs: 1000 }).ping().catch(() => undefined);
+    // And the way to keyd: a connection held from now on (connecting and keyd's identification of this
+    // worker by its cgroup happen before any request exists), warmed with a `ping`, which keyd answers
+    // anyone and which is not this worker's one decapsulation. keyd not answering now is not this worker's
+    // failure: its sealed job will connect again, and report it.
+    try {
+      heldKeyd = { connection: await openKeydConnection({ socketPath: spec.keydSocket, timeoutMs: 1000 }), lastUsed: Date.now() };
+      await heldKeyd.connection.call({ op: 'ping' });
+      heldKeyd.lastUsed = Date.now();
+    } catch {
+      heldKeyd?.connection.close();
+      heldKeyd = undefined;
+    }
   }
   // An idle warm worker should hold only what serving needs: collect the garbage of loading and warm-up,
   // then hand glibc's freed arena pages back (≈10 MiB per worker on the bench model; the pool holds several).
@@ -183,7 +195,10 @@ async function serveSealed(request: Extract<JobMessage, { kind: 'sealed' }>, d: 
   const envelopeBytes = Buffer.from(request.envelope, 'base64');
   const env = parseEnvelope(envelopeBytes, d.spec.maxEnvelopeBytes ?? 8 * 1024 * 1024);
   if (!d.spec.keydSocket) throw new PhantomaError(ERRORS.KEYD_UNAVAILABLE, 'this worker has no keyd socket: sealed requests are not configured');
-  const requestKey = await createKeydClient({ socketPath: d.spec.keydSocket }).decapsulate(env);
+  // The held connection unless keyd may be about to close it as idle (then a fresh one: nothing was sent).
+  const held = heldKeyd && Date.now() - heldKeyd.lastUsed < KEYD_IDLE_MS - 1000 ? heldKeyd.connection : undefined;
+  const requestKey = await createKeydClient({ socketPath: d.spec.keydSocket, ...(held ? { connection: held } : {}) }).decapsulate(env);
+  heldKeyd?.connection.close();
   const keys = deriveSessionKeys(requestKey);
   requestKey.fill(0);
   const sealer = createChunkSealer(keys.responseKey);

@@ -1,7 +1,8 @@
 // The client side of keyd's socket: the gateway (key document, signatures, TLS) and a worker (its one
-// decapsulation) use it. One connection per call; every reply is checked for `ok`, and a refusal comes
-// back as a PhantomaError with keyd's code.
-import { connect } from 'node:net';
+// decapsulation) use it. One connection per call, or calls over one held connection (a warm worker opens
+// it before its request exists, so connecting and keyd's peer identification are off the request's path);
+// every reply is checked for `ok`, and a refusal comes back as a PhantomaError with keyd's code.
+import { connect, type Socket } from 'node:net';
 import { ERRORS, PhantomaError, definitionOf } from '../errors.ts';
 import { KEYD_MAX_LINE } from './keyd.ts';
 import type { KeyDocument } from './signing.ts';
@@ -30,9 +31,94 @@ export interface KeydClient {
   decapsulate(r: DecapsulateRequest): Promise<Buffer>;
 }
 
-export function createKeydClient(opts: { socketPath: string; timeoutMs?: number }): KeydClient {
+/** A held connection to keyd: calls go one at a time, in order; it is dead once keyd closed it (idle). */
+export interface KeydConnection {
+  alive(): boolean;
+  call(request: Record<string, unknown>): Promise<Record<string, unknown>>;
+  close(): void;
+}
+
+function checkedReply(line: string, request: Record<string, unknown>): Record<string, unknown> {
+  const reply = JSON.parse(line) as Record<string, unknown>;
+  if (reply.ok !== true) {
+    const def = definitionOf(reply.code, ERRORS.KEYD_REFUSED);
+    throw new PhantomaError(def, `keyd refused ${String(request.op)}: ${String(reply.message ?? reply.code)}`);
+  }
+  return reply;
+}
+
+/** Opens a connection and waits until it is established (keyd has identified the caller by then). */
+export function openKeydConnection(opts: { socketPath: string; timeoutMs?: number }): Promise<KeydConnection> {
+  const timeoutMs = opts.timeoutMs ?? 5000;
+  return new Promise((resolve, reject) => {
+    const socket: Socket = connect(opts.socketPath);
+    let open = false;
+    let buf = '';
+    let pending: { resolve(r: Record<string, unknown>): void; reject(e: Error): void; request: Record<string, unknown>; timer: NodeJS.Timeout } | undefined;
+    const fail = (why: string): void => {
+      open = false;
+      socket.destroy();
+      const p = pending;
+      pending = undefined;
+      if (p) {
+        clearTimeout(p.timer);
+        p.reject(new PhantomaError(ERRORS.KEYD_UNAVAILABLE, `keyd at ${opts.socketPath}: ${why}`));
+      }
+    };
+    const connectTimer = setTimeout(() => {
+      fail('no connection in time');
+      reject(new PhantomaError(ERRORS.KEYD_UNAVAILABLE, `keyd at ${opts.socketPath}: no connection in time`));
+    }, timeoutMs);
+    socket.setEncoding('utf8');
+    socket.on('error', (err: NodeJS.ErrnoException) => {
+      clearTimeout(connectTimer);
+      const why = err.code ?? err.message;
+      if (!open) reject(new PhantomaError(ERRORS.KEYD_UNAVAILABLE, `keyd at ${opts.socketPath}: ${why}`, { cause: err }));
+      fail(why);
+    });
+    socket.on('close', () => fail('closed'));
+    socket.on('data', (chunk: string) => {
+      buf += chunk;
+      if (buf.length > KEYD_MAX_LINE * 2) return fail('reply too long');
+      const nl = buf.indexOf('\n');
+      if (nl < 0 || !pending) return;
+      const line = buf.slice(0, nl);
+      buf = buf.slice(nl + 1);
+      const p = pending;
+      pending = undefined;
+      clearTimeout(p.timer);
+      try {
+        p.resolve(checkedReply(line, p.request));
+      } catch (err) {
+        p.reject(err instanceof SyntaxError ? new PhantomaError(ERRORS.KEYD_UNAVAILABLE, 'keyd: the reply is not JSON') : (err as Error));
+      }
+    });
+    socket.once('connect', () => {
+      clearTimeout(connectTimer);
+      open = true;
+      resolve({
+        alive: () => open && !socket.destroyed,
+        close: () => {
+          open = false;
+          socket.end();
+        },
+        call(request) {
+          if (!open || socket.destroyed) return Promise.reject(new PhantomaError(ERRORS.KEYD_UNAVAILABLE, `keyd at ${opts.socketPath}: the connection is closed`));
+          if (pending) return Promise.reject(new PhantomaError(ERRORS.INTERNAL, 'keyd connection: one call at a time'));
+          return new Promise((res, rej) => {
+            pending = { resolve: res, reject: rej, request, timer: setTimeout(() => fail('no answer in time'), timeoutMs) };
+            socket.write(JSON.stringify(request) + '\n');
+          });
+        },
+      });
+    });
+  });
+}
+
+export function createKeydClient(opts: { socketPath: string; timeoutMs?: number; connection?: KeydConnection }): KeydClient {
   const timeoutMs = opts.timeoutMs ?? 5000;
   function call(request: Record<string, unknown>): Promise<Record<string, unknown>> {
+    if (opts.connection?.alive()) return opts.connection.call(request);
     return new Promise((resolve, reject) => {
       const socket = connect(opts.socketPath);
       let buf = '';

@@ -82,7 +82,7 @@ t.test('the control plane opens no connection except to its database: under the 
   t.teardown(() => rmdirRetry(cg));
   const cgId = statSync(cg).ino;
   for (const hook of SOCKET_HOOKS) {
-    const r = spawnSync('bpftool', ['cgroup', 'attach', cg, hook, 'pinned', join(status.pins, 'download', `prog_${hook}`)], { encoding: 'utf8' });
+    const r = spawnSync('bpftool', ['cgroup', 'attach', cg, hook, 'pinned', join(status.pins ?? '', 'download', `prog_${hook}`)], { encoding: 'utf8' });
     t.equal(r.status, 0, `${hook} attached to the control plane's cgroup ${r.stderr}`);
   }
   const attached = spawnSync('bpftool', ['cgroup', 'show', cg], { encoding: 'utf8' }).stdout;
