@@ -13,7 +13,10 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 # clang, llvm, libbpf-dev, bpftool, libelf-dev, zlib1g-dev: the egress BPF programs and the warden's
 # loader (issue 9); iproute2: the egress tests' own network namespaces.
 # postgresql: the control plane's tests run a real Postgres server (initdb + postgres, unprivileged; issue 11).
-apt_packages=(ca-certificates curl python3 make g++ git clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev iproute2 docker.io postgresql)
+# ansible, ansible-lint: the deploy/ansible roles and their syntax-check, lint and container test (issue 14).
+# debootstrap, systemd-container: the booted Debian 12 container the systemd and Ansible tests run in
+# (test/helpers/nspawn.ts: debootstrap builds its root filesystem, systemd-nspawn boots it; issue 13).
+apt_packages=(ca-certificates curl python3 make g++ git clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev iproute2 docker.io postgresql ansible ansible-lint debootstrap systemd-container)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -6,6 +6,8 @@
 //   peerCredentials(fd)  getsockopt(SO_PEERCRED) on a connected unix socket: { pid, uid, gid }
 //   peerPidfd(fd)        getsockopt(SO_PEERPIDFD) (Linux >= 6.5): a pidfd for the peer; the caller closes it
 //   mallocTrim()         glibc malloc_trim(0): hands freed heap pages back to the kernel; true if any were
+//   sdNotify(path, msg)  one datagram to systemd's $NOTIFY_SOCKET (a path, or "@name" in the abstract
+//                        namespace), sent by the calling (main) process so NotifyAccess=main accepts it
 // Every failure throws an Error whose `code` is the errno name (EBADF, ENOTSOCK, ...), with `errno` and
 // `syscall` set, like Node's own system errors.
 #define _GNU_SOURCE
@@ -15,11 +17,13 @@
 #include <errno.h>
 #include <malloc.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #ifndef SO_PEERPIDFD
@@ -165,6 +169,38 @@ static napi_value malloc_trim_all(napi_env env, napi_callback_info info) {
   return make_bool(env, malloc_trim(0) != 0);
 }
 
+// sd_notify(3) without libsystemd: a SOCK_DGRAM unix socket, one sendto() of the whole state string. The
+// kernel attaches our credentials (systemd enables SO_PASSCRED), which is how NotifyAccess=main checks the
+// sender. Non-blocking: a full socket buffer is EAGAIN for the caller, never a stalled event loop.
+static napi_value sd_notify_send(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (!get_args(env, info, 2, argv)) return NULL;
+  char path[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
+  char msg[4096];
+  size_t path_len = 0, msg_len = 0;
+  if (napi_get_value_string_utf8(env, argv[0], path, sizeof path, &path_len) != napi_ok ||
+      napi_get_value_string_utf8(env, argv[1], msg, sizeof msg, &msg_len) != napi_ok) {
+    napi_throw_type_error(env, "EINVAL", "sdNotify(path, message) takes two strings");
+    return NULL;
+  }
+  struct sockaddr_un addr;
+  memset(&addr, 0, sizeof addr);
+  addr.sun_family = AF_UNIX;
+  if (path_len < 2 || path_len >= sizeof addr.sun_path || (path[0] != '/' && path[0] != '@') || msg_len == 0 || msg_len >= sizeof msg - 1)
+    return throw_errno(env, EINVAL, "sdNotify");
+  memcpy(addr.sun_path, path, path_len);
+  if (path[0] == '@') addr.sun_path[0] = '\0';
+  socklen_t addr_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + path_len + (path[0] == '@' ? 0 : 1));
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return throw_errno(env, errno, "socket(AF_UNIX, SOCK_DGRAM)");
+  ssize_t sent = sendto(fd, msg, msg_len, MSG_NOSIGNAL, (struct sockaddr *)&addr, addr_len);
+  int err = errno;
+  close(fd);
+  if (sent < 0) return throw_errno(env, err, "sendto(NOTIFY_SOCKET)");
+  if ((size_t)sent != msg_len) return throw_errno(env, EMSGSIZE, "sendto(NOTIFY_SOCKET)");
+  return make_bool(env, true);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"mallocTrim", NULL, malloc_trim_all, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -174,6 +210,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"getNoNewPrivs", NULL, get_no_new_privs, NULL, NULL, NULL, napi_enumerable, NULL},
       {"peerCredentials", NULL, peer_credentials, NULL, NULL, NULL, napi_enumerable, NULL},
       {"peerPidfd", NULL, peer_pidfd, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"sdNotify", NULL, sd_notify_send, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   NAPI_CHECK(env, napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   return exports;

@@ -24,6 +24,7 @@
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -232,6 +233,23 @@ static void refuse(int fd, uid_t peer, const char *code, const char *msg) {
   reply(fd, "ERR %s %s", code, msg);
 }
 
+/* sd_notify(3) READY=1 when systemd runs us as a Type=notify unit ($NOTIFY_SOCKET set; issue 13): the
+   gateway's unit is ordered after ours, so it never races the socket. No libsystemd: one datagram. */
+static void sd_notify_ready(void) {
+  const char *path = getenv("NOTIFY_SOCKET");
+  if (!path || (path[0] != '/' && path[0] != '@') || strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) return;
+  struct sockaddr_un sa = {.sun_family = AF_UNIX};
+  size_t n = strlen(path);
+  memcpy(sa.sun_path, path, n);
+  if (sa.sun_path[0] == '@') sa.sun_path[0] = '\0';
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  static const char msg[] = "READY=1\nSTATUS=serving";
+  if (fd < 0 || sendto(fd, msg, sizeof msg - 1, MSG_NOSIGNAL, (struct sockaddr *)&sa, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + (path[0] == '@' ? 0 : 1))) < 0)
+    logf_("sd_notify READY=1 failed: %s", strerror(errno));
+  if (fd >= 0) close(fd);
+  unsetenv("NOTIFY_SOCKET");
+}
+
 /* ---------- cgroups ---------- */
 static int cg_file(char *out, int h, const char *id, const char *file) {
   int n = snprintf(out, PATH_MAX, "%s/%s%s%s", hier[h].workers, id, file ? "/" : "", file ? file : "");
@@ -373,6 +391,8 @@ static int find_cgroups(void) {
     line[strcspn(line, "\n")] = 0;
     char *c1 = strchr(line, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
     if (!c2) continue;
+    *c1 = 0; /* "0::/path": the hierarchy id alone, so the v2 line is recognised (it was not before issue 13,
+                which put the v2 subtree at the hierarchy's root instead of under a systemd unit's cgroup) */
     *c2 = 0;
     const char *ctrls = c1 + 1, *path = c2 + 1;
     int h = -1;
@@ -1044,12 +1064,15 @@ int main(int argc, char **argv) {
   mode_t old = umask(0177);                                                              /* born 0600: no window */
   if (lfd < 0 || bind(lfd, (struct sockaddr *)&sa, sizeof sa)) return perror("bind"), 1;
   umask(old);
-  if (chown(cfg.socket_path, cfg.client_uid, (gid_t)-1) || chmod(cfg.socket_path, 0600) || listen(lfd, 64))
+  /* chmod before chown: once the gateway owns it, changing the mode would need CAP_FOWNER, which the
+     warden's unit does not grant (deploy/systemd/phantoma-warden.service). */
+  if (chmod(cfg.socket_path, 0600) || chown(cfg.socket_path, cfg.client_uid, (gid_t)-1) || listen(lfd, 64))
     return perror("socket"), 1;
   logf_("serving on %s; workers in %s (memory %s, pids %s, noswap %d)", cfg.socket_path, hier[H_V2].workers, mode_name(H_MEM, v2_memory),
         mode_name(H_PIDS, v2_pids), have_noswap);
   printf("ready\n");
   fflush(stdout);
+  sd_notify_ready(); /* under systemd (Type=notify): the socket exists and the filter is attached */
 
   for (;;) {
     struct pollfd pf[3] = {{lfd, POLLIN, 0}, {sfd, POLLIN, 0}, {egress_event_fd(), POLLIN, 0}};

@@ -5,7 +5,7 @@
 // it starts — an update is always followed by a (re)start. At least once: a node that dies between moving
 // the events and removing the file records them again at its next start (each says what happened, not
 // that it happened once more, and the ledger's times show it).
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fchownSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, statSync, unlinkSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { checkAuditEvent, type AuditEvent } from './audit-events.ts';
 import { ERRORS, PhantomaError } from '../errors.ts';
@@ -22,6 +22,12 @@ export function appendPendingAudit(dir: string, event: AuditEvent): void {
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   const fd = openSync(join(dir, PENDING_NAME), 'a', 0o600);
   try {
+    // Written by root (systemd's trial-boot units, an operator's `phantoma update`): the file must belong
+    // to whoever owns the audit directory (the node's user), or the node could not read and remove it.
+    if (process.getuid?.() === 0) {
+      const owner = statSync(dir);
+      if (owner.uid !== 0) fchownSync(fd, owner.uid, owner.gid);
+    }
     // One write of one line: concurrent appenders (O_APPEND) never interleave within a line.
     writeSync(fd, JSON.stringify(event) + '\n');
     fsyncSync(fd);

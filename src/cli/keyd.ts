@@ -11,6 +11,7 @@ import { vaultPathOf } from '../vault/settings.ts';
 import { createKeyService, listenKeyd, pruneExpiredInVault, watchedVault } from '../vault/keyd.ts';
 import { CREDENTIAL_OPTIONS, vaultCredential } from './vault.ts';
 import { intOption } from './options.ts';
+import { createNotifier } from '../service/notify.ts';
 
 export const keydCommand: Command = {
   summary: 'run keyd, the process that holds the vault keys (started by serve when a vault exists)',
@@ -49,8 +50,14 @@ export const keydCommand: Command = {
     const pruneTimer = setInterval(prune, 60_000);
     pruneTimer.unref();
     ctx.out(JSON.stringify({ ready: true, pid: process.pid, socket: config.vault.keydSocket }));
+    // As its own systemd unit (Type=notify, issue 13): READY=1 once the socket listens. No-op otherwise.
+    const notifier = createNotifier(process.env);
+    notifier.ready(`keyd listening on ${config.vault.keydSocket}`);
     const stopped = Promise.withResolvers<void>();
-    const stop = (): void => void server.close().then(() => stopped.resolve());
+    const stop = (): void => {
+      notifier.stopping('keyd stopping');
+      void server.close().then(() => stopped.resolve());
+    };
     process.once('SIGTERM', stop);
     process.once('SIGINT', stop);
     // Started by the gateway: its end closes our stdin, and keyd must not outlive it holding the keys.

@@ -3,6 +3,8 @@ import type { Command } from './main.ts';
 import { createLogger } from '../logger.ts';
 import { startNode } from '../main.ts';
 import { setDumpable } from '../native/addon.ts';
+import { createNotifier } from '../service/notify.ts';
+import { startServiceReadiness } from '../service/readiness.ts';
 
 export const serveCommand: Command = {
   summary: 'run the node: the HTTPS OpenAI-compatible API with warm one-shot workers',
@@ -12,7 +14,15 @@ export const serveCommand: Command = {
     // The gateway holds plaintext prompts on the plaintext path: no core dumps, no same-uid ptrace.
     setDumpable(false);
     const logger = createLogger({ level: config.logLevel });
-    const node = await startNode(config, { logger });
+    // Under a Type=notify unit (issue 13): STATUS= while starting, READY=1 only when every part is verified,
+    // WATCHDOG=1 while healthy, STOPPING=1 on drain. A no-op without $NOTIFY_SOCKET.
+    const notifier = createNotifier(process.env, (err) => logger.warn({ err: err.message }, 'sd_notify failed'));
+    const node = await startNode(config, { logger, status: notifier.status });
+    const readiness = startServiceReadiness({
+      notifier,
+      logger,
+      sources: { pools: () => node.models.map((m) => m.pool), egress: node.egress, keydPing: node.keydPing },
+    });
     // keyd (started by startNode when a vault exists) has the vault passphrase now; the gateway drops its copy.
     delete process.env.PHANTOMA_VAULT_PASSPHRASE;
     // One plain line for operators and scripts: where to connect and what to pin.
@@ -20,6 +30,8 @@ export const serveCommand: Command = {
     const stopped = Promise.withResolvers<void>();
     const stop = (signal: string): void => {
       logger.info({ signal }, 'stopping: draining requests in flight');
+      readiness.stop();
+      notifier.stopping('stopping: draining requests in flight');
       void node.close().then(() => stopped.resolve());
     };
     process.once('SIGTERM', () => stop('SIGTERM'));

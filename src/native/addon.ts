@@ -21,6 +21,7 @@ interface NativeBinding {
   peerCredentials(fd: number): PeerCredentials;
   peerPidfd(fd: number): number;
   mallocTrim(): boolean;
+  sdNotify(socketPath: string, message: string): boolean;
 }
 
 /** A failed system call: `code` is the errno name (EBADF, ENOTSOCK, ENOTCONN, ...), `errno` is negative. */
@@ -83,6 +84,15 @@ export function peerPidfd(fd: number): number {
 /** glibc malloc_trim(0): returns freed heap pages to the kernel; true when any were released. */
 export function mallocTrim(): boolean {
   return native().mallocTrim();
+}
+
+/**
+ * One sd_notify(3) datagram to systemd's notification socket (`$NOTIFY_SOCKET`: a path, or `@name` for the
+ * abstract namespace), e.g. "READY=1\nSTATUS=serving". Sent by this process, so NotifyAccess=main accepts it.
+ * Throws EINVAL for a bad path or a message over 4 KiB, and the sendto errno otherwise.
+ */
+export function sdNotify(socketPath: string, message: string): void {
+  native().sdNotify(socketPath, message);
 }
 
 /** The file descriptor under a connected net.Socket on a unix path (Node's Pipe handle exposes it as `fd`). */
