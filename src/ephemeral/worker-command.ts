@@ -4,6 +4,7 @@ import { existsSync, statSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { projectRoot } from '../paths.ts';
 import { PhantomaError, ERRORS } from '../errors.ts';
+import { SLOT_INFO } from '../updates/slots.ts';
 
 /**
  * A worker lives for one request: a 1 MiB young generation and one GC helper thread cost nothing there
@@ -26,10 +27,18 @@ function newestMtime(dir: string): number {
   return newest;
 }
 
-/** The compiled worker; refuses a dist/ older than src/ (a stale worker would run old code silently). */
+/**
+ * The compiled worker; in a checkout it refuses a dist/ older than src/ (a stale worker would run old code
+ * silently). An installed release slot (src/updates/slots.ts marks it) needs no such check: its dist/ and
+ * src/ are one signed, manifest-checked build, unpacked with normalised times and without the stamp.
+ */
 export function workerCommand(): WorkerCommand {
   const root = projectRoot();
   const script = join(root, 'dist', 'src', 'ephemeral', 'worker-main.js');
+  if (existsSync(join(root, SLOT_INFO))) {
+    if (!existsSync(script)) throw new PhantomaError(ERRORS.CONFIG_INVALID, `the release in ${root} has no compiled worker (${script})`);
+    return { exec: process.execPath, flags: WORKER_NODE_FLAGS, script };
+  }
   const stamp = join(root, 'dist', '.build-stamp');
   if (!existsSync(script) || !existsSync(stamp)) {
     throw new PhantomaError(ERRORS.CONFIG_INVALID, `the compiled worker ${script} is missing: run scripts/setup.sh (or scripts/build.sh)`);

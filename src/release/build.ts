@@ -15,7 +15,7 @@ import { tarStream, type TarEntry } from '../updates/tar.ts';
 import { MANIFEST_FORMAT, MANIFEST_NAME, isContainedLink, type Manifest, type ManifestFile, type ManifestLink } from '../updates/manifest.ts';
 
 /** What a release holds, relative to the checkout. Directories are walked; missing ones are skipped. */
-export const RELEASE_PATHS = Object.freeze(['package.json', 'package-lock.json', 'bin', 'src', 'dist', 'native/warden/build', 'native/egress-bpf/build', 'native/addon/build', 'native/threadpool/build', '.runtime']);
+export const RELEASE_PATHS = Object.freeze(['package.json', 'package-lock.json', 'bin', 'src', 'dist', 'control-plane', 'native/warden/build', 'native/egress-bpf/build', 'native/addon/build', 'native/threadpool/build', '.runtime']);
 const SKIP_NAMES = new Set(['.git', '.DS_Store', '.build-stamp']);
 
 function fail(message: string, cause?: unknown): PhantomaError {
