@@ -13,6 +13,8 @@ import { startTestDockerd, type TestDockerd } from './docker-rig.ts';
 import { workerContainerConfig, type DockerBackendOptions } from '../../src/ephemeral/docker-backend.ts';
 import { createLogger } from '../../src/logger.ts';
 import { tinyModelPath } from '../helpers.ts';
+import { rmSync, statSync } from 'node:fs';
+import { buildAll, cleanupWardenLeftovers, startWarden, subscribe, tempDir } from '../egress/rig.ts';
 
 const NS_SERVER = `phiso-${process.pid}-s`;
 const NS_CLIENT = `phiso-${process.pid}-c`;
@@ -149,11 +151,11 @@ interface ProbeResult {
   cwd: string;
 }
 
-async function runProbe(): Promise<{ result: ProbeResult; containerId: string; removed: number }> {
+async function runProbe(cgroupParent = CGROUP_PARENT): Promise<{ result: ProbeResult; containerId: string; removed: number }> {
   const opts: DockerBackendOptions = {
     docker: dockerd.docker,
     image: dockerd.image,
-    cgroupParent: CGROUP_PARENT,
+    cgroupParent,
     uidRange: { from: 61000, to: 61999 },
     memoryBytes: 512 << 20,
     pidsMax: 64,
@@ -229,4 +231,30 @@ t.test('from inside a worker container: no connection succeeds, no write outside
   t.ok(r.status.includes('Seccomp:\t2'), "Docker's default seccomp filter");
   t.match(r.core, /^Max core file size\s+0\s+0\s/, 'RLIMIT_CORE 0');
   t.equal(removed, 404, 'the container is gone after it ran (inspect: 404)');
+});
+
+t.test("under a warden's workers/ cgroup, the egress filter applies to a worker container too", async (t) => {
+  // The warden (egress enforce) owns <name>/workers; a container whose CgroupParent is that directory is
+  // judged by the same programs: its connect to its own loopback fails with EPERM in the connect hook,
+  // before routing (ECONNREFUSED above, without the filter), and is reported as a deny event.
+  const dir = tempDir('phantoma-docker-egress-');
+  const name = `phantoma-dkeg-${process.pid}`;
+  buildAll(dir);
+  const w = await startWarden({ name, sockDir: dir });
+  t.teardown(async () => {
+    await w.stop();
+    cleanupWardenLeftovers(name);
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const events = await subscribe(w.egress);
+  t.teardown(() => events.stream.close());
+  const { result: r } = await runProbe(`/${name}/workers`);
+  t.equal(r.connect.hostLoopback, 'EPERM', 'the connect is refused by the egress filter (EPERM), not by an empty port');
+  t.equal(r.connect.netnsListener, 'EPERM', "the test namespace's address: refused by the filter before routing");
+  const deadline = Date.now() + 3000;
+  while (events.events.filter((e) => e.set === 'workers' && e.port === loopbackPort).length === 0 && Date.now() < deadline) await sleep(20);
+  const ev = events.events.find((e) => e.set === 'workers' && e.dst === '127.0.0.1' && e.port === loopbackPort);
+  t.ok(ev, "a deny event of the workers/ set names the container's attempt");
+  t.equal(ev?.hook, 'connect4');
+  t.not(ev?.cgroupId, statSync(w.workersDir).ino, "its cgroup is the container's own, below workers/");
 });
