@@ -1,6 +1,6 @@
 // The composition root: reads nothing itself, builds every part from a validated config and wires them.
 // `phantoma serve` calls startNode; tests call it too, on port 0.
-import { mkdirSync, existsSync } from 'node:fs';
+import { mkdirSync, existsSync, readFileSync } from 'node:fs';
 import { PhantomaError, ERRORS } from './errors.ts';
 import { join, dirname } from 'node:path';
 import type { Config } from './config/schema.ts';
@@ -28,6 +28,7 @@ import { createNodeControl, type NodeControl } from './control/node-control.ts';
 import { keydSigner, type NodeSigner } from './control/node.ts';
 import { createAuditLog, auditDirOf, type AuditLog } from './audit/audit-log.ts';
 import { drainPendingAudit } from './audit/pending.ts';
+import { parseCgroupMounts } from './doctor/checks.ts';
 import type { AuditEvent } from './audit/audit-events.ts';
 import type { PoolObserver } from './ephemeral/pool.ts';
 import { swapPolicy, type SwapDevice } from './doctor/checks.ts';
@@ -84,8 +85,14 @@ export function threadpoolShimPath(): string {
   return path;
 }
 
+/** Worker backends whose workers live in the warden's workers/ cgroup, under its egress filter. */
+function filteredByWarden(config: Readonly<Config>): boolean {
+  return config.workers.backend === 'warden' || config.workers.backend === 'docker';
+}
+
 async function startWardenIfConfigured(config: Readonly<Config>, log: Logger, modelPaths: readonly string[], keydSocket?: string): Promise<WardenProcess | undefined> {
-  if (config.workers.backend !== 'warden' || !config.warden.start) return undefined;
+  // With the Docker backend the warden spawns no worker; it owns workers/ and its egress filter.
+  if (!filteredByWarden(config) || !config.warden.start) return undefined;
   const cmd = workerCommand();
   // The project (runtime, compiled worker, native parts, model cache) and every model's directory stay
   // visible to workers even when they lie under a path the worker's view masks (a checkout in /tmp).
@@ -118,7 +125,11 @@ async function createBackend(config: Readonly<Config>, stateDir: string, log: Lo
     log.warn('workers.backend is "process": workers are NOT isolated (same uid as the gateway, host network and filesystem)');
     return createProcessBackend({ command: cmd, cwd: stateDir, preload: config.inference.persistentThreadpool ? [threadpoolShimPath()] : [] });
   }
-  if (config.workers.backend === 'docker') return connectDockerBackend(config, log, { preloadThreadpool: config.inference.persistentThreadpool });
+  if (config.workers.backend === 'docker') {
+    const docker = await connectDockerBackend(config, log, { preloadThreadpool: config.inference.persistentThreadpool });
+    if (config.egress.mode === 'enforce') await checkDockerUnderWarden(config, log);
+    return docker;
+  }
   const client = createWardenClient({ socketPath: config.warden.socket });
   try {
     const status = await client.ping();
@@ -127,6 +138,25 @@ async function createBackend(config: Readonly<Config>, stateDir: string, log: Lo
     throw new PhantomaError(ERRORS.NOT_READY, `the warden is not reachable at ${config.warden.socket}: ${(err as Error).message}`, { cause: err });
   }
   return createWardenBackend({ client, workerExec: cmd.exec, workerScript: cmd.script, uidRange: { from: config.warden.uidFrom, to: config.warden.uidTo }, logger: log });
+}
+
+/**
+ * Containers run under the egress filter only if their CgroupParent is the warden's workers/ (as a path in
+ * the cgroup2 hierarchy, where runc also places them on a hybrid host): refused otherwise, before any starts.
+ */
+async function checkDockerUnderWarden(config: Readonly<Config>, log: Logger): Promise<void> {
+  let workersDir: string;
+  try {
+    workersDir = (await createWardenClient({ socketPath: config.warden.socket }).ping()).cgroup;
+  } catch (err) {
+    throw new PhantomaError(ERRORS.NOT_READY, `the warden, whose egress filter worker containers run under, is not reachable at ${config.warden.socket}: ${(err as Error).message} (egress.mode "off" is for development only)`, { cause: err });
+  }
+  const v2 = parseCgroupMounts(readFileSync('/proc/self/mountinfo', 'utf8')).find((m) => m.version === 2);
+  const rel = v2 && workersDir.startsWith(v2.mountPoint + '/') ? workersDir.slice(v2.mountPoint.length) : undefined;
+  if (rel !== config.docker.cgroupParent) {
+    throw new PhantomaError(ERRORS.CONFIG_INVALID, `docker.cgroupParent ${config.docker.cgroupParent} is not the warden's workers/ cgroup (${rel ?? workersDir}): worker containers would run outside the egress filter`);
+  }
+  log.info({ cgroupParent: rel }, "worker containers go under the warden's workers/ cgroup");
 }
 
 function hostForUrl(host: string): string {
@@ -205,13 +235,13 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   keydAudit.to = record;
   // Maintenance windows (issue 10): an expired window is closed (and stray download allowlist entries
   // removed) before anything else; then the keeper closes the open window at its deadline.
-  const windowKeeper = !deps.backend && config.workers.backend === 'warden' && config.egress.mode === 'enforce'
+  const windowKeeper = !deps.backend && filteredByWarden(config) && config.egress.mode === 'enforce'
     ? await startWindowKeeper({ egress: createEgressClient({ socketPath: config.warden.socket }), stateDir, audit: record, log })
     : undefined;
   // Egress filter (issue 9): verified by the kernel's word (and a live probe) before any worker starts;
   // while it is not, no worker starts, running ones end, and /readyz says why (src/egress/gate.ts).
   status('starting: verifying the egress filter');
-  const egress = await setupNodeEgress({ config, backend, wardenBackend: !deps.backend && config.workers.backend === 'warden', logger: log, audit: record, registry: metrics.registry });
+  const egress = await setupNodeEgress({ config, backend, wardenBackend: !deps.backend && filteredByWarden(config), logger: log, audit: record, registry: metrics.registry });
   backend = egress.backend;
   const observer: PoolObserver = {
     workerStarted(model, ms, workerId) {

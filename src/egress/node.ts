@@ -24,7 +24,7 @@ export interface NodeEgress {
 export async function setupNodeEgress(o: {
   config: Readonly<Config>;
   backend: WorkerBackend;
-  /** True when the backend is the warden's (config.workers.backend "warden", not injected). */
+  /** True when workers live under the warden's egress filter (backend "warden" or "docker", not injected). */
   wardenBackend: boolean;
   logger: Logger;
   audit: (e: AuditEvent) => void;

@@ -94,7 +94,8 @@ const BACKEND = process.env.PHANTOMA_CANARY_BACKEND ?? (process.getuid?.() === 0
 // (in the temp dir, on disk) the file scan walks like any other directory.
 const dockerd = BACKEND === 'docker' ? await startTestDockerd() : undefined;
 const EXTRA_SETTINGS: string[] = [
-  ...(dockerd ? ['--workers.backend=docker', `--docker.socket=${dockerd.socketPath}`, `--docker.cgroupParent=/${MODEL}/workers`] : []),
+  // Docker: the node's warden owns <MODEL>/ and its egress filter; containers go under its workers/.
+  ...(dockerd ? ['--workers.backend=docker', `--docker.socket=${dockerd.socketPath}`, `--docker.cgroupParent=/${MODEL}/workers`, '--warden.start=true', `--warden.socket=${join(state, 'warden.sock')}`, `--warden.cgroupName=${MODEL}`] : []),
   ...(dockerd ? [] : BACKEND === 'warden'
     ? ['--workers.backend=warden', '--warden.start=true', `--warden.socket=${join(state, 'warden.sock')}`, `--warden.cgroupName=${MODEL}`]
     : ['--workers.backend=process']),

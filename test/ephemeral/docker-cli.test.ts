@@ -67,6 +67,16 @@ t.test('build-image imports it; then docker image and doctor find it; a second b
   t.equal((await doctor(flags())).get('docker-image')?.status, 'pass', 'doctor: image present');
 });
 
+t.test('with the image present, serve starts no container outside a verified egress filter', async (t) => {
+  // No warden: nothing owns the workers/ cgroup or its filter (fail closed).
+  await serveRefuses(t, [...flags(), `--warden.socket=${join(dockerd.dir, 'no-warden.sock')}`], 'not_ready', ERRORS.NOT_READY.exit);
+  // A warden, but the containers' CgroupParent is not its workers/: they would run unfiltered.
+  const name = `phantoma-dcli-${process.pid}`;
+  const sock = mkdtempSync(join(tmpdir(), 'phantoma-dcli-w-'));
+  t.teardown(() => rmSync(sock, { recursive: true, force: true }));
+  await serveRefuses(t, [...flags(), '--warden.start=true', `--warden.socket=${join(sock, 'w.sock')}`, `--warden.cgroupName=${name}`, `--docker.cgroupParent=/${name}-elsewhere/workers`], 'config_invalid', ERRORS.CONFIG_INVALID.exit);
+});
+
 t.test('an unreachable dockerd: doctor fails the daemon check, docker image exits with docker_unreachable', async (t) => {
   const nowhere = ['--workers.backend=docker', `--docker.socket=${join(dockerd.dir, 'nothing.sock')}`];
   const checks = await doctor(nowhere);

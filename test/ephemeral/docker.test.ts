@@ -10,7 +10,9 @@ import { WORKER_LABEL, workerContainerConfig } from '../../src/ephemeral/docker-
 import { createLogger } from '../../src/logger.ts';
 import { tinyModelPath } from '../helpers.ts';
 
-const CGROUP_PARENT = `/phantoma-dtest-${process.pid}/workers`;
+// The node's warden owns this subtree and its egress filter; containers go under its workers/.
+const WARDEN_NAME = `phantoma-dtest-${process.pid}`;
+const CGROUP_PARENT = `/${WARDEN_NAME}/workers`;
 const MODEL = 'tiny';
 
 let dockerd: TestDockerd;
@@ -31,6 +33,7 @@ t.before(async () => {
   node = await startTestNode({
     workers: { backend: 'docker', memoryMaxBytes: 1 << 30 },
     docker: { socket: dockerd.socketPath, cgroupParent: CGROUP_PARENT, cpus: 1 },
+    warden: { cgroupName: WARDEN_NAME },
     pool: { size: 2, maxActive: 1 },
   });
 });
@@ -54,6 +57,15 @@ async function inspectStatus(name: string): Promise<number> {
 t.test('a worker container left by an earlier run is removed before the node serves', async (t) => {
   t.equal(leftoverBefore, 200, 'positive control: the leftover container existed (inspect 200)');
   t.equal(await inspectStatus(leftover), 404, 'it is gone once the node has started (inspect 404)');
+});
+
+t.test('the node verified the egress filter on its warden\'s workers/ before any container started', async (t) => {
+  const at = (msg: string): number => node.logs.findIndex((l) => l.includes(`"msg":"${msg}"`));
+  t.ok(at("worker containers go under the warden's workers/ cgroup") >= 0, 'the CgroupParent was checked against the warden');
+  const verified = at('egress filter verified (kernel program tags and live probe)');
+  t.ok(verified >= 0, 'the filter was verified');
+  const firstReady = at('worker ready');
+  t.ok(firstReady > verified, `the first container worker was ready only after that (log lines ${verified} < ${firstReady})`);
 });
 
 t.test('the warm pool is running containers, one per worker, under the configured cgroup parent', async (t) => {
