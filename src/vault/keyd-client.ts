@@ -141,13 +141,9 @@ export function createKeydClient(opts: { socketPath: string; timeoutMs?: number;
         socket.end();
         let reply: Record<string, unknown>;
         try {
-          reply = JSON.parse(buf.slice(0, nl)) as Record<string, unknown>;
+          reply = checkedReply(buf.slice(0, nl), request);
         } catch (err) {
-          return fail('the reply is not JSON', err);
-        }
-        if (reply.ok !== true) {
-          const def = definitionOf(reply.code, ERRORS.KEYD_REFUSED);
-          return reject(new PhantomaError(def, `keyd refused ${String(request.op)}: ${String(reply.message ?? reply.code)}`));
+          return err instanceof SyntaxError ? fail('the reply is not JSON', err) : reject(err);
         }
         resolve(reply);
       });
