@@ -81,7 +81,7 @@ export const updateCommand: Command = {
       // (OnFailure= of phantoma.service, run from the *previous* slot's code) switches back; with --check it
       // only answers whether a trial is recorded (exit 0) or not (exit 1), for ExecCondition=.
       case 'trial-passed': {
-        const trial = existsSync(join(root, 'update-state.json')) ? readState(root).trial : undefined;
+        const trial = readState(root).trial; // none when no update-state.json exists
         if (!trial || currentSlot(root) !== trial.slot) {
           ctx.out(ctx.json ? JSON.stringify({ trial: false }) : 'no trial boot in progress');
           return 0;
@@ -92,7 +92,7 @@ export const updateCommand: Command = {
         return 0;
       }
       case 'trial-failed': {
-        const trial = existsSync(join(root, 'update-state.json')) ? readState(root).trial : undefined;
+        const trial = readState(root).trial; // none when no update-state.json exists
         if (values.check) {
           ctx.out(trial ? `slot ${trial.slot} (${trial.version}) is on trial` : 'no trial boot in progress');
           return trial ? 0 : 1;
