@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { ERRORS, ModelError } from '../errors.ts';
 import { writeFileAtomic } from '../util/atomic-file.ts';
 import type { GgufSummary } from './gguf-reader.ts';
+import { processExists } from '../util/process.ts';
 
 export const MODEL_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$/;
 
@@ -90,20 +91,12 @@ export function writeServed(dir: string, names: readonly string[], pid = process
   writeFileAtomic(join(dir, SERVED), JSON.stringify({ pid, names: [...names] }) + '\n', 0o644);
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 /** True when a running gateway serves this model from the directory. */
 export function isServed(dir: string, name: string): boolean {
   try {
     const s = JSON.parse(readFileSync(join(dir, SERVED), 'utf8')) as { pid: number; names: string[] };
-    return Array.isArray(s.names) && s.names.includes(name) && Number.isInteger(s.pid) && alive(s.pid);
+    return Array.isArray(s.names) && s.names.includes(name) && Number.isInteger(s.pid) && processExists(s.pid);
   } catch {
     return false;
   }

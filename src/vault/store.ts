@@ -9,6 +9,7 @@ import { ERRORS, PhantomaError } from '../errors.ts';
 import { fsyncDir } from '../util/atomic-file.ts';
 import { openFile, sealFile, newSealKeys, KDF_SCRYPT, type Credential, type FileKind, type ScryptParams, type SealKeys } from './format.ts';
 import { parseVaultContents, serializeVaultContents, type VaultContents } from './contents.ts';
+import { processExists } from '../util/process.ts';
 
 /** Write steps, in order; a test hook runs after each (the crash test SIGKILLs the writer there). */
 export const WRITE_STEPS = ['temp-created', 'temp-half-written', 'temp-written', 'temp-synced', 'renamed', 'dir-synced'] as const;
@@ -31,13 +32,7 @@ function tempPattern(path: string): (name: string) => boolean {
 }
 
 function writerAlive(pid: number): boolean {
-  if (pid === process.pid) return true;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
+  return pid === process.pid || processExists(pid);
 }
 
 /** Removes temp files a crashed write left beside the vault (sealed, but an extra copy all the same). */

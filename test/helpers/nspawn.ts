@@ -58,6 +58,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, rmdirSync, statSync, writeFileSync, chmodSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { processExists } from '../../src/util/process.ts';
 
 export const CACHE_DIR = '/var/cache/phantoma-test';
 export const RIG_DIR = '/var/tmp/phantoma-nspawn';
@@ -132,12 +133,18 @@ const log = (msg: string): void => {
   process.stderr.write(`[nspawn] ${msg}\n`);
 };
 
-function pidAlive(pid: number): boolean {
+/** The pid a process recorded in `dir/file` (0 when none or unreadable) and `dir`'s age; undefined once `dir` is gone. */
+function recordedOwner(dir: string, file: string): { pid: number; ageMs: number } | undefined {
+  let pid = 0;
   try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
+    pid = Number(readFileSync(join(dir, file), 'utf8'));
+  } catch {
+    /* none yet, or being written */
+  }
+  try {
+    return { pid, ageMs: Date.now() - statSync(dir).mtimeMs };
+  } catch {
+    return undefined;
   }
 }
 
@@ -195,19 +202,10 @@ export async function ensureRootfs(extraPackages: readonly string[] = []): Promi
       break;
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-      let holder = 0;
-      try {
-        holder = Number(readFileSync(join(lock, 'pid'), 'utf8'));
-      } catch {
-        /* being written */
-      }
-      let age = 0;
-      try {
-        age = Date.now() - statSync(lock).mtimeMs;
-      } catch {
-        continue;
-      }
-      if ((holder > 0 && !pidAlive(holder)) || (holder === 0 && age > 30_000)) {
+      const owner = recordedOwner(lock, 'pid');
+      if (!owner) continue;
+      const holder = owner.pid;
+      if ((holder > 0 && !processExists(holder)) || (holder === 0 && owner.ageMs > 30_000)) {
         log(`taking over a stale rootfs lock (pid ${holder || 'unknown'})`);
         rmSync(lock, { recursive: true, force: true });
         continue;
@@ -388,19 +386,9 @@ async function reapStaleRigs(): Promise<void> {
   }
   for (const n of names) {
     const d = join(RIG_DIR, n);
-    let pid = 0;
-    try {
-      pid = Number(readFileSync(join(d, 'nspawn.pid'), 'utf8'));
-    } catch {
-      /* none */
-    }
-    let age = 0;
-    try {
-      age = Date.now() - statSync(d).mtimeMs;
-    } catch {
-      continue;
-    }
-    if ((pid > 0 && pidAlive(pid)) || (pid === 0 && age < 10 * 60_000)) continue;
+    const owner = recordedOwner(d, 'nspawn.pid');
+    if (!owner) continue;
+    if ((owner.pid > 0 && processExists(owner.pid)) || (owner.pid === 0 && owner.ageMs < 10 * 60_000)) continue;
     log(`removing a stale rig ${d}`);
     await removeRigCgroups(rigCgroups(n).all);
     if (!mountedUnder(d)) rmSync(d, { recursive: true, force: true });
