@@ -5,14 +5,14 @@
 // validly signed envelopes through the gateway's checks and the worker's open (no crash, expected codes).
 //   . scripts/env.sh && node bench/sealed.bench.ts [--iterations 300] [--fuzz 100000]
 import { parseArgs } from 'node:util';
-import { createPublicKey, decapsulate as kemDecapsulate, encapsulate as kemEncapsulate, generateKeyPairSync, sign as edSign, type JsonWebKey } from 'node:crypto';
+import { decapsulate as kemDecapsulate, encapsulate as kemEncapsulate, generateKeyPairSync, sign as edSign } from 'node:crypto';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ml_kem768 } from '@noble/post-quantum/ml-kem.js';
 import { checkEnvelope, createNonceCache, SIGNATURE_CONTEXT, SIGNATURE_BYTES, type EnvelopeCheckContext } from '../src/sealed/envelope.ts';
 import { sealRequest, requestKeyFor, openRequest } from '../src/sealed/request.ts';
 import { createChunkOpener, createChunkSealer } from '../src/sealed/seal.ts';
-import { generateRequestKeyPair, prepareRequestPrivateKeys } from '../src/sealed/kem.ts';
+import { generateRequestKeyPair, mlkemPublicKeyObject, prepareRequestPrivateKeys } from '../src/sealed/kem.ts';
 import { isPhantomaError } from '../src/errors.ts';
 import { projectRoot } from '../src/paths.ts';
 
@@ -45,7 +45,7 @@ const p50 = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(x
 const stages: Record<string, number[]> = { 'plain: JSON stringify + parse (baseline)': [], 'client: seal': [], 'gateway: checks': [], 'keyd: decapsulate': [], 'worker: open': [], 'answer: seal + open 48 chunks': [], 'ML-KEM-768 encaps + decaps alone': [], 'ML-KEM-768 encaps + decaps, @noble/post-quantum (before)': [] };
 // keyd imports each request key once and keeps the key objects (src/vault/keyd.ts); so does this bench.
 const prepared = prepareRequestPrivateKeys(node.privateKeys);
-const mlkemPublic = createPublicKey({ key: { kty: 'AKP', alg: 'ML-KEM-768', pub: Buffer.from(node.publicKeys.mlkem).toString('base64url') } as unknown as JsonWebKey, format: 'jwk' });
+const mlkemPublic = mlkemPublicKeyObject(node.publicKeys.mlkem);
 const checkCtx = ctx();
 for (let i = 0; i < N + 20; i++) {
   let sealed!: ReturnType<typeof sealRequest>;

@@ -6,7 +6,7 @@
 // there costs ≈ 30 µs against ≈ 0.7 ms warm — and several ms cold, in a keyd that decapsulates once per
 // request — for the pure-JS @noble/post-quantum, which still makes the keys (its 2400-byte expanded
 // decapsulation key is what the vault stores; OpenSSL takes it as the PKCS#8 `expandedKey` choice).
-import { createPrivateKey, createPublicKey, diffieHellman, generateKeyPairSync, hkdfSync, createHash, encapsulate as kemEncapsulate, decapsulate as kemDecapsulate, type KeyObject } from 'node:crypto';
+import { createPrivateKey, createPublicKey, diffieHellman, generateKeyPairSync, hkdfSync, createHash, encapsulate as kemEncapsulate, decapsulate as kemDecapsulate, type JsonWebKey, type KeyObject } from 'node:crypto';
 import { ml_kem768 } from '@noble/post-quantum/ml-kem.js';
 
 export const KEM_LABEL = 'phantoma-kem-combine-v1';
@@ -65,10 +65,11 @@ function mlkemPrivateKeyObject(expanded: Uint8Array): KeyObject {
   }
 }
 
-function mlkemPublicKeyObject(raw: Uint8Array): KeyObject {
+/** A raw ML-KEM-768 public key (1184 bytes) as a node:crypto key object. */
+export function mlkemPublicKeyObject(raw: Uint8Array): KeyObject {
   if (raw.length !== MLKEM768_PUBLIC_BYTES) throw new RangeError(`an ML-KEM-768 public key is ${MLKEM768_PUBLIC_BYTES} bytes`);
   // JWK "AKP" (algorithm key pair) is how node:crypto imports a raw ML-KEM public key.
-  return createPublicKey({ key: { kty: 'AKP', alg: 'ML-KEM-768', pub: Buffer.from(raw).toString('base64url') } as unknown as import('node:crypto').JsonWebKey, format: 'jwk' });
+  return createPublicKey({ key: { kty: 'AKP', alg: 'ML-KEM-768', pub: Buffer.from(raw).toString('base64url') } as unknown as JsonWebKey, format: 'jwk' });
 }
 
 /** Imports the stored private keys once (≈ 0.1 ms: OpenSSL checks the expanded key); keyd caches the result. */
