@@ -16,7 +16,7 @@ import { createProcessBackend } from './ephemeral/process-backend.ts';
 import { createWardenClient } from './ephemeral/warden-client.ts';
 import { createWardenBackend } from './ephemeral/warden-backend.ts';
 import { connectDockerBackend } from './ephemeral/docker-connect.ts';
-import { startWardenProcess, type WardenProcess } from './ephemeral/warden-process.ts';
+import { startWardenProcess, type WardenProcess, type WardenProcessOptions } from './ephemeral/warden-process.ts';
 import { workerCommand } from './ephemeral/worker-command.ts';
 import type { WorkerBackend } from './ephemeral/backend.ts';
 import { createWorkerPool } from './ephemeral/pool.ts';
@@ -93,11 +93,16 @@ function filteredByWarden(config: Readonly<Config>): boolean {
 async function startWardenIfConfigured(config: Readonly<Config>, log: Logger, modelPaths: readonly string[], keydSocket?: string): Promise<WardenProcess | undefined> {
   // With the Docker backend the warden spawns no worker; it owns workers/ and its egress filter.
   if (!filteredByWarden(config) || !config.warden.start) return undefined;
+  return startWardenProcess(wardenProcessOptions(config, log, modelPaths, keydSocket));
+}
+
+/** How `phantoma serve` with warden.start runs the warden for this configuration (also what tests run). */
+export function wardenProcessOptions(config: Readonly<Config>, log: Logger, modelPaths: readonly string[], keydSocket?: string): WardenProcessOptions {
   const cmd = workerCommand();
   // The project (runtime, compiled worker, native parts, model cache) and every model's directory stay
   // visible to workers even when they lie under a path the worker's view masks (a checkout in /tmp).
   const expose = [...new Set([projectRoot(), ...modelPaths.map((p) => dirname(p)), modelDirOf(resolveFromRoot(config.stateDir))])];
-  return startWardenProcess({
+  return {
     socketPath: config.warden.socket,
     clientUid: process.getuid!(),
     cgroupName: config.warden.cgroupName,
@@ -116,7 +121,7 @@ async function startWardenIfConfigured(config: Readonly<Config>, log: Logger, mo
     // issue 10: model pulls run as this fixed helper in download/ (the compiled script, like the worker's)
     download: { script: join(dirname(cmd.script), '..', 'models', 'download-helper.js'), uid: config.warden.downloadUid },
     logger: log,
-  });
+  };
 }
 
 async function createBackend(config: Readonly<Config>, stateDir: string, log: Logger): Promise<WorkerBackend> {

@@ -1,8 +1,10 @@
 // The warden's egress filter (issue 9). One instance of the embedded BPF object per cgroup:
-// <NAME>/workers (allowlist always empty: no request can change it) and <NAME>/download (allowlist
-// changed only by ALLOW/DENY). Programs, links and maps are pinned under
-// /sys/fs/bpf/phantoma/<NAME>-<hash>/<workers|download>/, so the filter stays attached when the warden
-// dies; a restarting warden attaches its new links BEFORE it detaches the old ones (no window).
+// <NAME>/workers (allowlist always empty: no request can change it), <NAME>/download (allowlist
+// changed only by ALLOW/DENY) and, with --gateway-egress, the gateway's own cgroup (issue 13: its
+// allowlist fixed by the warden's command line, the socket hooks only — the skb hook would drop replies
+// to clients; attached when the gateway asks with CONFINE). Programs, links and maps are pinned under
+// /sys/fs/bpf/phantoma/<NAME>-<hash>/<workers|download|gateway>/, so the filter stays attached when the
+// warden dies; a restarting warden attaches its new links BEFORE it detaches the old ones (no window).
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -40,8 +42,12 @@
 #define MAX_SUBSCRIBERS 8
 #define PROBE_TIMEOUT_MS 2000
 
-enum { S_WORKERS, S_DOWNLOAD, S_COUNT };
-static const char *SET_NAME[S_COUNT] = {"workers", "download"};
+enum { S_WORKERS, S_DOWNLOAD, S_GATEWAY, S_COUNT };
+static const char *SET_NAME[S_COUNT] = {"workers", "download", "gateway"};
+/* The gateway set attaches the first four programs only (connect/sendmsg): a cgroup_skb/egress program
+ * sees every packet, replies to the gateway's clients too, and would drop them. */
+#define N_SOCK_PROGS 4
+static int progs_of(int k) { return k == S_GATEWAY ? N_SOCK_PROGS : N_PROGS; }
 /* Program order = hook order of egress_event.h. */
 static const char *PROG_NAME[N_PROGS] = {"connect4", "connect6", "sendmsg4", "sendmsg6", "egress"};
 static const enum bpf_attach_type ATTACH[N_PROGS] = {BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_UDP4_SENDMSG,
@@ -57,6 +63,20 @@ struct eset {
 static struct eset sets[S_COUNT];
 static bool enabled;
 static char pin_root[PATH_MAX], workers_dir[PATH_MAX];
+/* One allowlist entry as the maps key it (address already masked to its prefix). */
+struct allow_entry {
+  int family;
+  unsigned proto, bits, port;
+  unsigned char addr[16];
+};
+/* --gateway-egress: the gateway's allowlist (its control plane), fixed for the warden's lifetime, so a
+ * compromised gateway cannot widen it; gateway_on says the option was given (possibly as "none"). */
+static struct allow_entry gateway_allow[EGRESS_ALLOW_MAX];
+static int n_gateway_allow;
+static bool gateway_on;
+static char cg2_root[PATH_MAX];                /* the cgroup2 mount the warden's subtree lives in */
+static char own_rel[PATH_MAX];                 /* the warden's own cgroup, relative to that mount */
+static char workers_rel[PATH_MAX];             /* workers/ relative to it, as /proc/<pid>/cgroup says */
 static struct ring_buffer *rb;
 static int subscribers[MAX_SUBSCRIBERS];
 static unsigned long long events_sent, events_dropped;
@@ -66,7 +86,6 @@ static unsigned short probe_p4, probe_p6, probe_pu4;
 /* ptrace / process_vm_* detection (watch.bpf.c): reported when the target is a worker or the gateway. */
 static struct watch_bpf *watch;
 static uid_t client_uid;
-static char workers_rel[PATH_MAX]; /* workers/ relative to the cgroup2 root, as /proc/<pid>/cgroup says */
 static unsigned long long watch_reported;
 
 static void elog(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -201,16 +220,21 @@ static int attach_one(struct eset *s, int i) {
   return r;
 }
 
+/* Loads a set's own instance of the object and pins it; attaches it to cg unless cg is NULL (the
+ * gateway set: its cgroup is known only when the gateway asks, do_confine()). */
 static int load_set(int k, const char *cg) {
   struct eset *s = &sets[k];
-  snprintf(s->cg, sizeof s->cg, "%s", cg);
+  s->cg_fd = -1;
+  snprintf(s->cg, sizeof s->cg, "%s", cg ? cg : "");
   snprintf(s->pins, sizeof s->pins, "%s/%s", pin_root, SET_NAME[k]);
   int r = mkdir_p(s->pins, 0700);
   if (r) return elog("mkdir %s: %s", s->pins, strerror(-r)), r;
   struct stat st;
-  s->cg_fd = open(cg, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (s->cg_fd < 0 || fstat(s->cg_fd, &st)) return r = -errno, elog("open %s: %s", cg, strerror(-r)), r;
-  s->cg_id = (unsigned long long)st.st_ino; /* a cgroup's id is its kernfs inode number */
+  if (cg) {
+    s->cg_fd = open(cg, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (s->cg_fd < 0 || fstat(s->cg_fd, &st)) return r = -errno, elog("open %s: %s", cg, strerror(-r)), r;
+    s->cg_id = (unsigned long long)st.st_ino; /* a cgroup's id is its kernfs inode number */
+  }
   s->skel = egress_bpf__open_and_load();
   if (!s->skel) return r = -errno, elog("load the BPF object: %s", strerror(-r)), r ? r : -EINVAL;
   for (int i = 0; i < N_PROGS; i++) {
@@ -221,7 +245,7 @@ static int load_set(int k, const char *cg) {
   struct bpf_map *maps[] = {s->skel->maps.allow4, s->skel->maps.allow6, s->skel->maps.events, s->skel->maps.counts};
   for (size_t i = 0; i < sizeof maps / sizeof *maps; i++)
     if ((r = repin(bpf_map__fd(maps[i]), s->pins, bpf_map__name(maps[i])))) return elog("pin map: %s", strerror(-r)), r;
-  for (int i = 0; i < N_PROGS; i++)
+  for (int i = 0; cg && i < progs_of(k); i++)
     if ((r = attach_one(s, i))) return r;
   return 0;
 }
@@ -253,8 +277,72 @@ static int listen_on(int family, int type, unsigned short *port) {
   return fd;
 }
 
+/* ---------- cgroups of processes ---------- */
+/* Reads a small /proc file (NUL-terminated); the byte count or -1. */
+static ssize_t read_proc(unsigned pid, const char *what, char *buf, size_t cap) {
+  char p[64];
+  if (pid) snprintf(p, sizeof p, "/proc/%u/%s", pid, what);
+  else snprintf(p, sizeof p, "/proc/self/%s", what);
+  int fd = open(p, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  ssize_t n = read(fd, buf, cap - 1);
+  close(fd);
+  if (n <= 0) return -1;
+  buf[n] = 0;
+  return n;
+}
+
+/* The process's cgroup2 path relative to the cgroup2 mount ("0::" line; "/" for the root); pid 0 = self. */
+static int cgroup_of(unsigned pid, char *out, size_t n) {
+  char buf[4096];
+  if (read_proc(pid, "cgroup", buf, sizeof buf) < 0) return -1;
+  for (char *line = buf; line && *line;) {
+    char *nl = strchr(line, '\n');
+    if (nl) *nl = 0;
+    if (!strncmp(line, "0::", 3)) return snprintf(out, n, "%s", line + 3) < (int)n ? 0 : -1;
+    line = nl ? nl + 1 : NULL;
+  }
+  return -1;
+}
+
+/* The real uid of a process, or -1 when it is gone. */
+static long real_uid_of(unsigned pid) {
+  char buf[4096];
+  if (read_proc(pid, "status", buf, sizeof buf) < 0) return -1;
+  char *u = strstr(buf, "\nUid:");
+  unsigned ruid;
+  return u && sscanf(u + 5, "%u", &ruid) == 1 ? (long)ruid : -1;
+}
+
+/* path is dir itself or below it (both relative cgroup paths). */
+static bool under(const char *path, const char *dir) {
+  size_t l = strlen(dir);
+  if (l == 1 && dir[0] == '/') return true;
+  return !strncmp(path, dir, l) && (path[l] == '/' || path[l] == 0);
+}
+
+/* Splits the workers/ path into the cgroup2 mount (the shortest prefix that is one) and the rest. */
+static int find_cg2_root(void) {
+  struct statfs top;
+  char mp[PATH_MAX];
+  snprintf(mp, sizeof mp, "%s", workers_dir);
+  for (size_t i = 1; mp[i]; i++) {
+    if (mp[i] != '/') continue;
+    mp[i] = 0;
+    if (statfs(mp, &top) == 0 && top.f_type == CGROUP2_SUPER_MAGIC) {
+      snprintf(cg2_root, sizeof cg2_root, "%s", mp);
+      snprintf(workers_rel, sizeof workers_rel, "%s", workers_dir + i);
+      return 0;
+    }
+    mp[i] = '/';
+  }
+  return -ENOENT;
+}
+
 static int on_event(void *ctx, void *data, size_t size);
 static int on_watch(void *ctx, void *data, size_t size);
+static int map_entry(struct eset *s, const struct allow_entry *e, bool add);
+static size_t list_allow(struct eset *s, char *out, size_t cap);
 
 /* The tracepoints need tracefs (libbpf reads the event ids there); mount it where it is missing. Detection
  * only: a failure here is logged and shown in EGRESS_STATUS (watch=off), it does not stop the warden. */
@@ -262,20 +350,6 @@ static void watch_start(void) {
   struct statfs sf;
   if (statfs("/sys/kernel/tracing/events", &sf) != 0 && mount("tracefs", "/sys/kernel/tracing", "tracefs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL))
     elog("cannot mount tracefs on /sys/kernel/tracing: %s", strerror(errno));
-  /* workers/ relative to the cgroup2 root: the shortest prefix of its path that is a cgroup2 mount */
-  struct statfs top;
-  char mp[PATH_MAX];
-  snprintf(mp, sizeof mp, "%s", workers_dir);
-  workers_rel[0] = 0;
-  for (size_t i = 1; mp[i]; i++) {
-    if (mp[i] != '/') continue;
-    mp[i] = 0;
-    if (statfs(mp, &top) == 0 && top.f_type == CGROUP2_SUPER_MAGIC) {
-      snprintf(workers_rel, sizeof workers_rel, "%s", workers_dir + i);
-      break;
-    }
-    mp[i] = '/';
-  }
   watch = watch_bpf__open_and_load();
   if (!watch || watch_bpf__attach(watch) || ring_buffer__add(rb, bpf_map__fd(watch->maps.watch_events), on_watch, NULL)) {
     elog("ptrace/process_vm detection NOT active: %s", strerror(errno));
@@ -288,32 +362,10 @@ static void watch_start(void) {
 
 /* "worker", "gateway" (a process of the client uid) or NULL for anything else. */
 static const char *watched_target(unsigned pid) {
-  char p[64], buf[4096];
-  snprintf(p, sizeof p, "/proc/%u/cgroup", pid);
-  int fd = open(p, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return NULL;
-  ssize_t n = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  if (n <= 0) return NULL;
-  buf[n] = 0;
-  size_t wl = strlen(workers_rel);
-  for (char *line = buf; line && *line;) {
-    char *nl = strchr(line, '\n');
-    if (nl) *nl = 0;
-    if (!strncmp(line, "0::", 3) && wl && !strncmp(line + 3, workers_rel, wl) && (line[3 + wl] == '/' || line[3 + wl] == 0)) return "worker";
-    line = nl ? nl + 1 : NULL;
-  }
-  snprintf(p, sizeof p, "/proc/%u/status", pid);
-  fd = open(p, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return NULL;
-  n = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  if (n <= 0) return NULL;
-  buf[n] = 0;
-  char *u = strstr(buf, "\nUid:");
-  unsigned ruid;
-  if (u && sscanf(u + 5, "%u", &ruid) == 1 && ruid == (unsigned)client_uid) return "gateway";
-  return NULL;
+  char rel[PATH_MAX];
+  if (cgroup_of(pid, rel, sizeof rel) == 0 && workers_rel[0] && under(rel, workers_rel)) return "worker";
+  long uid = real_uid_of(pid);
+  return uid >= 0 && (uid_t)uid == client_uid ? "gateway" : NULL;
 }
 
 static void broadcast(const char *line, int n);
@@ -351,6 +403,7 @@ int egress_init(const char *parent, const char *workers, uid_t client) {
   for (const char *p = parent; *p; p++) h = (h ^ (unsigned char)*p) * 1099511628211ULL;
   const char *last = strrchr(parent, '/');
   snprintf(pin_root, sizeof pin_root, "%s/phantoma/%.64s-%08llx", BPFFS, last ? last + 1 : parent, h & 0xffffffffULL);
+  if ((r = find_cg2_root()) || cgroup_of(0, own_rel, sizeof own_rel)) return elog("cannot place %s and the warden in a cgroup2 mount", workers), r ? r : -ENOENT;
   char download[PATH_MAX];
   snprintf(download, sizeof download, "%s/download", parent);
   if (mkdir(download, 0755) && errno != EEXIST) return r = -errno, elog("mkdir %s: %s", download, strerror(-r)), r;
@@ -358,6 +411,12 @@ int egress_init(const char *parent, const char *workers, uid_t client) {
   rb = ring_buffer__new(bpf_map__fd(sets[S_WORKERS].skel->maps.events), on_event, &sets[S_WORKERS], NULL);
   if (!rb || ring_buffer__add(rb, bpf_map__fd(sets[S_DOWNLOAD].skel->maps.events), on_event, &sets[S_DOWNLOAD]))
     return elog("ring buffer set-up failed"), -EIO;
+  if (gateway_on) {
+    if ((r = load_set(S_GATEWAY, NULL))) return r;
+    for (int i = 0; i < n_gateway_allow; i++)
+      if ((r = map_entry(&sets[S_GATEWAY], &gateway_allow[i], true))) return elog("gateway allowlist: %s", strerror(-r)), r;
+    if (ring_buffer__add(rb, bpf_map__fd(sets[S_GATEWAY].skel->maps.events), on_event, &sets[S_GATEWAY])) return elog("ring buffer set-up failed"), -EIO;
+  }
   probe_l4 = listen_on(AF_INET, SOCK_STREAM, &probe_p4);
   probe_u4 = listen_on(AF_INET, SOCK_DGRAM, &probe_pu4);
   probe_l6 = listen_on(AF_INET6, SOCK_STREAM, &probe_p6); /* absent where IPv6 is off */
@@ -455,10 +514,14 @@ static unsigned long long counter(struct eset *s, unsigned slot) {
 static size_t query_set(struct eset *s, char *out, size_t cap) {
   size_t len = 0;
   len += (size_t)snprintf(out + len, cap - len, " %s.cgroup=%llu", SET_NAME[s - sets], s->cg_id);
-  for (int i = 0; i < N_PROGS && len < cap; i++) {
+  for (int i = 0; i < progs_of((int)(s - sets)) && len < cap; i++) {
     __u32 ids[16], cnt = 16, flags = 0;
     len += (size_t)snprintf(out + len, cap - len, " %s.%s=", SET_NAME[s - sets], PROG_NAME[i]);
     if (len >= cap) break;
+    if (s->cg_fd < 0) { /* the gateway set before its first CONFINE */
+      len += (size_t)snprintf(out + len, cap - len, "-");
+      continue;
+    }
     if (bpf_prog_query(s->cg_fd, ATTACH[i], 0, &flags, ids, &cnt)) {
       len += (size_t)snprintf(out + len, cap - len, "error:%s", errname(errno));
       continue;
@@ -477,10 +540,9 @@ static size_t query_set(struct eset *s, char *out, size_t cap) {
   return len < cap ? len : cap - 1;
 }
 
-static size_t list_allow(char *out, size_t cap) {
+static size_t list_allow(struct eset *s, char *out, size_t cap) {
   size_t len = 0;
   int n = 0;
-  struct eset *s = &sets[S_DOWNLOAD];
   struct egress_allow4 k4, *p4 = NULL;
   while (len < cap && bpf_map_get_next_key(bpf_map__fd(s->skel->maps.allow4), p4, &k4) == 0) {
     char a[INET_ADDRSTRLEN], pb[8];
@@ -513,15 +575,21 @@ static int count_entries(int map_fd, size_t key_size) {
 
 static void do_status(int cfd) {
   if (!enabled) return say(cfd, "OK egress mode=off");
-  char buf[7000];
+  char buf[7800];
+  int n_sets = gateway_on ? S_COUNT : S_GATEWAY;
   size_t len = (size_t)snprintf(buf, sizeof buf, "OK egress mode=enforce pins=%s", pin_root);
-  for (int k = 0; k < S_COUNT; k++) len += query_set(&sets[k], buf + len, sizeof buf - len);
+  for (int k = 0; k < n_sets; k++) len += query_set(&sets[k], buf + len, sizeof buf - len);
   /* workers/ has no allowlist by construction; its entry count is reported so that is checkable. */
   int w4 = count_entries(bpf_map__fd(sets[S_WORKERS].skel->maps.allow4), sizeof(struct egress_allow4));
   int w6 = count_entries(bpf_map__fd(sets[S_WORKERS].skel->maps.allow6), sizeof(struct egress_allow6));
   len += (size_t)snprintf(buf + len, sizeof buf - len, " workers.allow=%d download.allow=", w4 + w6);
-  if (len < sizeof buf) len += list_allow(buf + len, sizeof buf - len);
-  for (int k = 0; k < S_COUNT && len < sizeof buf; k++) {
+  if (len < sizeof buf) len += list_allow(&sets[S_DOWNLOAD], buf + len, sizeof buf - len);
+  if (len < sizeof buf && !gateway_on) len += (size_t)snprintf(buf + len, sizeof buf - len, " gateway=off");
+  else if (len < sizeof buf) {
+    len += (size_t)snprintf(buf + len, sizeof buf - len, " gateway.allow=");
+    if (len < sizeof buf) len += list_allow(&sets[S_GATEWAY], buf + len, sizeof buf - len);
+  }
+  for (int k = 0; k < n_sets && len < sizeof buf; k++) {
     unsigned long long denied = 0, allowed = 0;
     for (unsigned hk = 0; hk < EGRESS_HOOK_COUNT; hk++) {
       allowed += counter(&sets[k], hk * 2);
@@ -550,41 +618,130 @@ static bool parse_port(const char *s, unsigned *out) {
   return true;
 }
 
-static void do_allow(int cfd, uid_t peer, char **f, int n, bool add) {
-  if (n != 4) return refuse_(cfd, peer, "bad_request", "ALLOW/DENY need: tcp|udp ADDRESS/BITS PORT (0 = any port)");
-  unsigned proto = !strcmp(f[1], "tcp") ? IPPROTO_TCP : !strcmp(f[1], "udp") ? IPPROTO_UDP : 0;
-  unsigned port, bits;
+/* Parses "tcp|udp", "ADDRESS/BITS", "PORT" into an entry (host bits zeroed); NULL or why not. */
+static const char *parse_entry(const char *proto_s, const char *cidr, const char *port_s, struct allow_entry *e) {
+  static const char *usage_ = "need: tcp|udp ADDRESS/BITS PORT (0 = any port)";
+  memset(e, 0, sizeof *e);
+  e->proto = !strcmp(proto_s, "tcp") ? IPPROTO_TCP : !strcmp(proto_s, "udp") ? IPPROTO_UDP : 0;
   char addr[INET6_ADDRSTRLEN + 1];
-  const char *slash = strchr(f[2], '/');
-  if (!proto || !parse_port(f[3], &port) || !slash || (size_t)(slash - f[2]) >= sizeof addr || !parse_port(slash + 1, &bits))
-    return refuse_(cfd, peer, "bad_request", "ALLOW/DENY need: tcp|udp ADDRESS/BITS PORT (0 = any port)");
-  memcpy(addr, f[2], (size_t)(slash - f[2]));
-  addr[slash - f[2]] = 0;
-  unsigned char a[16];
-  int fam = inet_pton(AF_INET, addr, a) == 1 ? AF_INET : inet_pton(AF_INET6, addr, a) == 1 ? AF_INET6 : 0;
-  unsigned maxbits = fam == AF_INET ? 32 : 128;
-  if (!fam || bits > maxbits) return refuse_(cfd, peer, "bad_request", "not an IPv4 or IPv6 prefix");
+  const char *slash = strchr(cidr, '/');
+  if (!e->proto || !parse_port(port_s, &e->port) || !slash || (size_t)(slash - cidr) >= sizeof addr || !parse_port(slash + 1, &e->bits)) return usage_;
+  memcpy(addr, cidr, (size_t)(slash - cidr));
+  addr[slash - cidr] = 0;
+  e->family = inet_pton(AF_INET, addr, e->addr) == 1 ? AF_INET : inet_pton(AF_INET6, addr, e->addr) == 1 ? AF_INET6 : 0;
+  unsigned maxbits = e->family == AF_INET ? 32 : 128;
+  if (!e->family || e->bits > maxbits) return "not an IPv4 or IPv6 prefix";
   static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
-  if (fam == AF_INET6 && !memcmp(a, mapped, 12)) return refuse_(cfd, peer, "bad_request", "write an IPv4-mapped address as IPv4");
-  for (unsigned i = bits; i < maxbits; i++) a[i / 8] &= (unsigned char)~(0x80u >> (i % 8)); /* canonical: host bits zero */
-  struct eset *s = &sets[S_DOWNLOAD];
+  if (e->family == AF_INET6 && !memcmp(e->addr, mapped, 12)) return "write an IPv4-mapped address as IPv4";
+  for (unsigned i = e->bits; i < maxbits; i++) e->addr[i / 8] &= (unsigned char)~(0x80u >> (i % 8)); /* canonical: host bits zero */
+  return NULL;
+}
+
+/* Adds or removes an entry in a set's allowlist map; 0 or -errno. */
+static int map_entry(struct eset *s, const struct allow_entry *e, bool add) {
+  __u8 one = 1;
   int r;
-  if (fam == AF_INET) {
-    struct egress_allow4 k = {.prefixlen = 32 + bits, .proto = (__u8)proto, .port_be = htons((unsigned short)port)};
-    memcpy(k.addr, a, 4);
-    __u8 one = 1;
+  if (e->family == AF_INET) {
+    struct egress_allow4 k = {.prefixlen = 32 + e->bits, .proto = (__u8)e->proto, .port_be = htons((unsigned short)e->port)};
+    memcpy(k.addr, e->addr, 4);
     r = add ? bpf_map_update_elem(bpf_map__fd(s->skel->maps.allow4), &k, &one, BPF_ANY) : bpf_map_delete_elem(bpf_map__fd(s->skel->maps.allow4), &k);
   } else {
-    struct egress_allow6 k = {.prefixlen = 32 + bits, .proto = (__u8)proto, .port_be = htons((unsigned short)port)};
-    memcpy(k.addr, a, 16);
-    __u8 one = 1;
+    struct egress_allow6 k = {.prefixlen = 32 + e->bits, .proto = (__u8)e->proto, .port_be = htons((unsigned short)e->port)};
+    memcpy(k.addr, e->addr, 16);
     r = add ? bpf_map_update_elem(bpf_map__fd(s->skel->maps.allow6), &k, &one, BPF_ANY) : bpf_map_delete_elem(bpf_map__fd(s->skel->maps.allow6), &k);
   }
-  if (r && errno == ENOENT) return refuse_(cfd, peer, "unknown_entry", "no such allowlist entry");
-  if (r && errno == ENOSPC) return refuse_(cfd, peer, "allowlist_full", "the download allowlist is full (32 entries per family)");
+  return r ? -errno : 0;
+}
+
+static void do_allow(int cfd, uid_t peer, char **f, int n, bool add) {
+  if (n != 4) return refuse_(cfd, peer, "bad_request", "ALLOW/DENY need: tcp|udp ADDRESS/BITS PORT (0 = any port)");
+  struct allow_entry e;
+  const char *why = parse_entry(f[1], f[2], f[3], &e);
+  if (why) return refuse_(cfd, peer, "bad_request", why);
+  int r = map_entry(&sets[S_DOWNLOAD], &e, add);
+  if (r == -ENOENT) return refuse_(cfd, peer, "unknown_entry", "no such allowlist entry");
+  if (r == -ENOSPC) return refuse_(cfd, peer, "allowlist_full", "the download allowlist is full (32 entries per family)");
   if (r) return refuse_(cfd, peer, "egress_failed", "the allowlist map refused the change");
-  elog("download allowlist: %s %s %s/%u %u", add ? "allow" : "deny", f[1], addr, bits, port);
-  say(cfd, "OK %s %s %s/%u %u", add ? "allowed" : "removed", f[1], addr, bits, port);
+  char a[INET6_ADDRSTRLEN];
+  inet_ntop(e.family, e.addr, a, sizeof a);
+  elog("download allowlist: %s %s %s/%u %u", add ? "allow" : "deny", f[1], a, e.bits, e.port);
+  say(cfd, "OK %s %s %s/%u %u", add ? "allowed" : "removed", f[1], a, e.bits, e.port);
+}
+
+/* `--gateway-egress tcp|udp,ADDRESS/BITS,PORT` (repeatable) or `--gateway-egress none`: turns the gateway
+ * set on. NULL or why the value is wrong. */
+const char *egress_gateway_option(const char *spec) {
+  gateway_on = true;
+  if (!strcmp(spec, "none")) return NULL;
+  char b[128], *f[3];
+  if (snprintf(b, sizeof b, "%s", spec) >= (int)sizeof b) return "--gateway-egress: too long";
+  char *save = NULL;
+  int n = 0;
+  for (char *t = strtok_r(b, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+    if (n == 3) return "--gateway-egress: want tcp|udp,ADDRESS/BITS,PORT or none";
+    f[n++] = t;
+  }
+  if (n != 3) return "--gateway-egress: want tcp|udp,ADDRESS/BITS,PORT or none";
+  if (n_gateway_allow == EGRESS_ALLOW_MAX) return "--gateway-egress: at most 32 entries";
+  const char *why = parse_entry(f[0], f[1], f[2], &gateway_allow[n_gateway_allow]);
+  if (why) return why;
+  n_gateway_allow++;
+  return NULL;
+}
+
+bool egress_gateway_enabled(void) { return gateway_on; }
+
+/* ---------- the gateway's own cgroup (issue 13) ---------- */
+/* CONFINE: attach the gateway set to the caller's cgroup. The caller is a process of the client uid
+ * (handle_conn checked it) and names nothing: the cgroup is read from its pid, the allowlist is ours. A
+ * restarted gateway (new cgroup, same path) asks again and the set moves there; the same cgroup again is
+ * a no-op. Refused for the root cgroup, the warden's own cgroup and its ancestors (the filter would
+ * apply to the warden's subtree, the download helper among it) and anything inside <NAME>/. */
+static void do_confine(int cfd, uid_t peer, pid_t pid) {
+  if (!enabled) return refuse_(cfd, peer, "egress_off", "the warden runs with --egress off");
+  if (!gateway_on) return refuse_(cfd, peer, "gateway_egress_off", "the warden was started without --gateway-egress");
+  char rel[PATH_MAX];
+  if (pid <= 0 || cgroup_of((unsigned)pid, rel, sizeof rel)) return refuse_(cfd, peer, "peer_gone", "cannot read the caller's cgroup");
+  /* The pid was the caller's when it connected; make sure it still is (not a reused pid). */
+  if (real_uid_of((unsigned)pid) != (long)peer) return refuse_(cfd, peer, "peer_gone", "the caller's pid changed hands");
+  /* <NAME>/, the parent of workers/ and download/ */
+  char subtree[PATH_MAX];
+  snprintf(subtree, sizeof subtree, "%s", workers_rel);
+  char *slash = strrchr(subtree, '/');
+  if (slash && slash != subtree) *slash = 0;
+  if (!strcmp(rel, "/") || under(own_rel, rel) || under(rel, subtree))
+    return refuse_(cfd, peer, "cgroup_refused", "the caller's cgroup is the root, the warden's own or an ancestor, or in the warden's subtree");
+  struct eset *s = &sets[S_GATEWAY];
+  char path[PATH_MAX];
+  if (snprintf(path, sizeof path, "%s%s", cg2_root, rel) >= (int)sizeof path) return refuse_(cfd, peer, "cgroup_refused", "cgroup path too long");
+  int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  struct stat st;
+  if (fd < 0 || fstat(fd, &st)) {
+    if (fd >= 0) close(fd);
+    return refuse_(cfd, peer, "peer_gone", "cannot open the caller's cgroup");
+  }
+  char allow[2048];
+  list_allow(s, allow, sizeof allow);
+  if (s->cg_fd >= 0 && s->cg_id == (unsigned long long)st.st_ino) {
+    close(fd);
+    return say(cfd, "OK confined cgroup=%llu path=%s allow=%s already=1", s->cg_id, rel, allow);
+  }
+  if (s->cg_fd >= 0) close(s->cg_fd);
+  s->cg_fd = fd;
+  s->cg_id = (unsigned long long)st.st_ino;
+  snprintf(s->cg, sizeof s->cg, "%s", path);
+  for (int i = 0; i < N_SOCK_PROGS; i++) {
+    int r = attach_one(s, i);
+    if (r) {
+      close(s->cg_fd);
+      s->cg_fd = -1;
+      s->cg_id = 0;
+      s->cg[0] = 0;
+      return refuse_(cfd, peer, "confine_failed", "attaching the gateway's programs failed");
+    }
+  }
+  elog("gateway confined: %s (cgroup %llu), allowed: %s", rel, s->cg_id, allow);
+  say(cfd, "OK confined cgroup=%llu path=%s allow=%s already=0", s->cg_id, rel, allow);
 }
 
 /* ---------- the live probe ---------- */
@@ -672,8 +829,9 @@ static void do_probe(int cfd, uid_t peer) {
   say(cfd, "OK probe refused=1 %s", detail);
 }
 
-bool egress_request(int cfd, uid_t peer, char **f, int n, bool *keep) {
+bool egress_request(int cfd, uid_t peer, pid_t pid, char **f, int n, bool *keep) {
   if (!strcmp(f[0], "EGRESS_STATUS") && n == 1) do_status(cfd);
+  else if (!strcmp(f[0], "CONFINE") && n == 1) do_confine(cfd, peer, pid);
   else if (!strcmp(f[0], "EGRESS_PROBE") && n == 1) do_probe(cfd, peer);
   else if (!strcmp(f[0], "EVENTS") && n == 1) enabled ? do_events(cfd, peer, keep) : refuse_(cfd, peer, "egress_off", "the warden runs with --egress off");
   else if (!strcmp(f[0], "ALLOW") || !strcmp(f[0], "DENY")) {
@@ -714,8 +872,9 @@ void egress_after_rmdir(void) {
   if (!enabled) return;
   struct stat st;
   for (int k = 0; k < S_COUNT; k++) {
-    /* Unpinned only once the cgroup itself is gone: a live cgroup keeps its filter. */
-    if (stat(sets[k].cg, &st) == 0) {
+    if (!sets[k].pins[0]) continue; /* the gateway set without --gateway-egress */
+    /* Unpinned only once the cgroup itself is gone: a live cgroup keeps its filter (the gateway's too). */
+    if (sets[k].cg[0] && stat(sets[k].cg, &st) == 0) {
       elog("%s still exists: its programs stay attached and pinned", sets[k].cg);
       continue;
     }

@@ -896,7 +896,7 @@ static void handle_conn(int cfd) {
     do_stderr(cfd, cred.uid, f, n, &keep);
   } else if (!strcmp(f[0], "DOWNLOAD")) {
     download_request(cfd, cred.uid, f, n, &keep);
-  } else if (egress_request(cfd, cred.uid, f, n, &keep)) { /* EGRESS_STATUS, EGRESS_PROBE, ALLOW, DENY, EVENTS */
+  } else if (egress_request(cfd, cred.uid, cred.pid, f, n, &keep)) { /* EGRESS_STATUS, EGRESS_PROBE, ALLOW, DENY, EVENTS, CONFINE */
   } else {
     refuse(cfd, cred.uid, "bad_request", "unknown request");
   }
@@ -959,7 +959,7 @@ static void usage(const char *why) {
   fprintf(stderr,
           "phantoma-warden: %s\nusage: phantoma-warden --socket PATH --client-uid UID --cgroup-name NAME --worker-exec ABSPATH "
           "--worker-script ABSPATH --uid-range FROM-TO [--memory-max BYTES] [--pids-max N] [--tmpfs-size BYTES] [--worker-arg ARG]... "
-          "[--worker-preload ABSPATH] [--expose ABSDIR]... [--keyd-socket ABSPATH] [--egress enforce|off] [--download-script ABSPATH --download-uid UID] [--exit-with-parent]\n",
+          "[--worker-preload ABSPATH] [--expose ABSDIR]... [--keyd-socket ABSPATH] [--egress enforce|off] [--gateway-egress tcp|udp,ADDR/BITS,PORT|none]... [--download-script ABSPATH --download-uid UID] [--exit-with-parent]\n",
           why);
   exit(2);
 }
@@ -980,7 +980,10 @@ int main(int argc, char **argv) {
       continue;
     }
     if (!val) usage("an option lacks its value");
-    if (!strcmp(k, "--socket")) cfg.socket_path = val;
+    if (!strcmp(k, "--gateway-egress")) {
+      const char *why = egress_gateway_option(val);
+      if (why) usage(why);
+    } else if (!strcmp(k, "--socket")) cfg.socket_path = val;
     else if (!strcmp(k, "--client-uid") && parse_ulong(val, UINT32_MAX - 1, &v)) cfg.client_uid = (uid_t)v;
     else if (!strcmp(k, "--cgroup-name")) cfg.cg_name = val;
     else if (!strcmp(k, "--worker-exec")) cfg.worker_exec = val;
@@ -1010,6 +1013,7 @@ int main(int argc, char **argv) {
     } else usage("unknown or invalid option");
   }
   if (!cfg.socket_path || !cfg.cg_name || !cfg.worker_exec || !cfg.worker_script || !cfg.uid_hi) usage("missing a required option");
+  if (egress_gateway_enabled() && !egress_on) usage("--gateway-egress needs --egress enforce");
   if (cfg.client_uid >= cfg.uid_lo && cfg.client_uid <= cfg.uid_hi) usage("the client uid is inside the worker uid range");
   if (cfg.worker_exec[0] != '/' || cfg.worker_script[0] != '/' || cfg.socket_path[0] != '/') usage("paths must be absolute");
   if (!valid_cg_name(cfg.cg_name)) usage("bad --cgroup-name (segments of [A-Za-z0-9._-])");

@@ -53,6 +53,14 @@ export function validateConfig(input: unknown): { ok: true; config: Readonly<Con
     if (g.auth === 'none' && !isLoopbackHost(g.host)) issues.push({ key: 'gateway.auth', message: `"none" is allowed only on a loopback host, not ${g.host}` });
     if (g.tls === 'provided' && (!g.tlsCertPath || !g.tlsKeyPath)) issues.push({ key: 'gateway.tls', message: '"provided" needs gateway.tlsCertPath and gateway.tlsKeyPath' });
     if (!isLoopbackHost(g.metricsHost)) issues.push({ key: 'gateway.metricsHost', message: `metrics are served on loopback only, not ${g.metricsHost}` });
+    const c = withDefaults as Config;
+    if (c.egress.confineGateway) {
+      // The filter goes on the gateway's own cgroup: a warden started by the gateway would be inside it
+      // (the warden refuses), and without the warden (process backend) nobody attaches it.
+      if (c.workers.backend === 'process') issues.push({ key: 'egress.confineGateway', message: 'needs workers.backend "warden" or "docker" (the warden attaches the filter)' });
+      else if (c.warden.start) issues.push({ key: 'egress.confineGateway', message: 'needs the warden as its own service (warden.start false): a warden started by the gateway shares its cgroup' });
+      if (c.egress.mode !== 'enforce') issues.push({ key: 'egress.confineGateway', message: 'needs egress.mode "enforce"' });
+    }
   }
   if (issues.length > 0) return { ok: false, issues };
   return { ok: true, config: deepFreeze(withDefaults as Config) };

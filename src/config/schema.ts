@@ -113,6 +113,11 @@ export const ConfigSchema = Type.Object(
         }),
         checkIntervalMs: Type.Integer({ minimum: 200, maximum: 600_000, default: 5000, description: "how often the filter's attachment is re-checked (BPF_PROG_QUERY via the warden)" }),
         probeIntervalMs: Type.Integer({ minimum: 1000, maximum: 86_400_000, default: 60_000, description: 'how often the live probe runs (also at start and after any failure)' }),
+        confineGateway: Type.Boolean({
+          default: false,
+          description:
+            "the gateway's own outbound connections limited to the warden's --gateway-egress allowlist (its control plane) by the socket BPF programs on its cgroup; no worker starts until that is verified (the packaged systemd units turn it on; needs the warden as its own service)",
+        }),
       },
       { additionalProperties: false, default: {} },
     ),

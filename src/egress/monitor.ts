@@ -1,12 +1,13 @@
 // Keeps the gateway's belief about the egress filter honest: at start and every check interval it asks the
 // warden for BPF_PROG_QUERY's answer (checkStatus), and at start, periodically and after every failure it
 // runs the live probe. Anything wrong — a program missing or not ours, the probe connecting, the warden
-// unreachable — makes the node not verified until a full re-verification (status AND probe) succeeds.
+// unreachable, (with egress.confineGateway) the gateway's own cgroup not confined — makes the node not
+// verified until a full re-verification (status AND probe) succeeds.
 // Deny events streamed by the warden go to the audit log and the metrics.
 import { Counter, Gauge, type Registry } from 'prom-client';
 import type { Logger } from '../logger.ts';
 import type { AuditEvent } from '../audit/audit-events.ts';
-import { checkStatus, egressPolicyHash, type ExpectedTags } from './policy.ts';
+import { checkGateway, checkStatus, egressPolicyHash, type ExpectedTags } from './policy.ts';
 import type { DenyEvent, EgressClient, EgressStatus, EventStream, WatchEvent } from './warden-egress.ts';
 
 export interface EgressMonitorOptions {
@@ -17,6 +18,12 @@ export interface EgressMonitorOptions {
   expectedError?: string;
   checkIntervalMs: number;
   probeIntervalMs: number;
+  /**
+   * egress.confineGateway (issue 13): the gateway's own cgroup must carry the warden's socket programs;
+   * the monitor asks for them (CONFINE) whenever they are not on this cgroup, and is not verified
+   * without them. ownCgroupId is read each check: a process does not change cgroups, but a test may.
+   */
+  confineGateway?: { ownCgroupId: () => number };
   logger: Logger;
   audit?: (e: AuditEvent) => void;
   registry?: Registry;
@@ -74,7 +81,13 @@ export function createEgressMonitor(o: EgressMonitorOptions): EgressMonitor {
     for (const l of listeners) l(ok);
   };
 
-  const hash = (): string => egressPolicyHash({ mode: o.mode, ...(o.expected ? { expected: o.expected } : {}), downloadAllow: status?.downloadAllow ?? [] });
+  const hash = (): string =>
+    egressPolicyHash({
+      mode: o.mode,
+      ...(o.expected ? { expected: o.expected } : {}),
+      downloadAllow: status?.downloadAllow ?? [],
+      ...(o.confineGateway ? { gatewayAllow: status?.gateway?.allow ?? [] } : {}),
+    });
 
   // A hostile worker can spin on refused connects: every deny is counted in the metrics, but the log and
   // the audit log take at most DENY_AUDIT_PER_MINUTE per cgroup per minute (then one warning), so a
@@ -125,6 +138,24 @@ export function createEgressMonitor(o: EgressMonitorOptions): EgressMonitor {
     }
   };
 
+  // Not on our cgroup (first start, a restarted gateway, a restarted warden that does not know us yet):
+  // ask, then believe only the kernel's word in a fresh status.
+  const confineGateway = async (ownCgroupId: () => number): Promise<string[]> => {
+    try {
+      const own = ownCgroupId();
+      let reasons = checkGateway(status!, o.expected!, own);
+      if (reasons.length === 0 || !status!.gateway) return reasons;
+      const r = await o.client.confine();
+      log.info({ cgroupId: r.cgroupId, path: r.path, allow: r.allow }, "the gateway's own connections are now limited to the warden's --gateway-egress allowlist");
+      status = await o.client.status();
+      reasons = checkGateway(status, o.expected!, own);
+      return reasons;
+    } catch (err) {
+      const code = (err as { code?: unknown }).code;
+      return [`CONFINE failed${typeof code === 'string' ? ` (${code})` : ''}: ${(err as Error).message}`];
+    }
+  };
+
   const once = async (forceProbe: boolean): Promise<boolean> => {
     if (o.mode === 'off') return true;
     if (!o.expected) {
@@ -143,6 +174,13 @@ export function createEgressMonitor(o: EgressMonitorOptions): EgressMonitor {
       needProbe = true;
       set(false, `egress_programs: ${reasons.join('; ')}`);
       return false;
+    }
+    if (o.confineGateway) {
+      const confined = await confineGateway(o.confineGateway.ownCgroupId);
+      if (confined.length) {
+        set(false, `gateway_unconfined: ${confined.join('; ')}`);
+        return false;
+      }
     }
     if (forceProbe || needProbe || Date.now() - lastProbe >= o.probeIntervalMs) {
       try {

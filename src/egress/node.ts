@@ -11,6 +11,7 @@ import { createEgressClient } from './warden-egress.ts';
 import { createEgressMonitor, type EgressMonitor } from './monitor.ts';
 import { egressPolicyHash, loadExpectedTags, type ExpectedTags } from './policy.ts';
 import { gateBackend, gatePool } from './gate.ts';
+import { ownCgroup } from './own-cgroup.ts';
 
 export interface NodeEgress {
   monitor: EgressMonitor | undefined;
@@ -50,6 +51,7 @@ export async function setupNodeEgress(o: {
     ...(expectedError ? { expectedError } : {}),
     checkIntervalMs: o.config.egress.checkIntervalMs,
     probeIntervalMs: o.config.egress.probeIntervalMs,
+    ...(o.config.egress.confineGateway ? { confineGateway: { ownCgroupId: () => ownCgroup().id } } : {}),
     logger: o.logger,
     audit: o.audit,
     registry: o.registry,

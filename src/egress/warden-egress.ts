@@ -1,7 +1,8 @@
 // The gateway's side of the warden's egress requests (native/warden/README.md, "Egress"): EGRESS_STATUS
 // (the kernel's BPF_PROG_QUERY answer per cgroup, with program ids and tags), EGRESS_PROBE (a fixed live
 // probe: a child of the warden in workers/probe, host network namespace, must be refused), ALLOW/DENY
-// (download/ allowlist only) and EVENTS (a stream of deny events, one line each).
+// (download/ allowlist only), EVENTS (a stream of deny events, one line each) and CONFINE (the socket
+// hooks attached to the caller's own cgroup, with the allowlist the warden was started with: issue 13).
 // Same framing as src/ephemeral/warden-client.ts; its own reader, because a status line is longer than
 // that client's reply bound and an event stream never ends.
 import { connect, type Socket } from 'node:net';
@@ -11,8 +12,11 @@ import { encodeRequest, WardenError } from '../ephemeral/warden-client.ts';
 const MAX_LINE = 64 * 1024;
 export const HOOKS = ['connect4', 'connect6', 'sendmsg4', 'sendmsg6', 'egress'] as const;
 export type Hook = (typeof HOOKS)[number];
+/** The hooks of the gateway's set: connect/sendmsg only (an skb program would drop replies to clients). */
+export const SOCK_HOOKS = ['connect4', 'connect6', 'sendmsg4', 'sendmsg6'] as const;
+export type SockHook = (typeof SOCK_HOOKS)[number];
 export const SETS = ['workers', 'download'] as const;
-export type EgressSet = (typeof SETS)[number];
+export type EgressSet = (typeof SETS)[number] | 'gateway';
 
 export interface AttachedProgram {
   id: number;
@@ -29,10 +33,33 @@ export interface EgressSetStatus {
   lost: number;
 }
 
+/** The gateway's own cgroup (issue 13): attached on CONFINE, allowlist fixed by the warden's command line. */
+export interface GatewaySetStatus {
+  /** 0 until a gateway asked (CONFINE). */
+  cgroupId: number;
+  programs: Record<SockHook, AttachedProgram[] | string>;
+  /** "proto:addr/bits:port" entries (its control plane). */
+  allow: string[];
+  denied: number;
+  allowed: number;
+  lost: number;
+}
+
+export interface ConfineResult {
+  cgroupId: number;
+  /** The cgroup's path below the cgroup2 mount, as the warden read it from the caller's pid. */
+  path: string;
+  allow: string[];
+  /** The cgroup was already confined (nothing attached anew). */
+  already: boolean;
+}
+
 export interface EgressStatus {
   mode: 'enforce' | 'off';
   pins?: string;
-  sets?: Record<EgressSet, EgressSetStatus>;
+  sets?: Record<(typeof SETS)[number], EgressSetStatus>;
+  /** undefined: the warden runs without --gateway-egress. */
+  gateway?: GatewaySetStatus;
   /** Entries in workers/' allowlist (must be 0) and download/'s entries as "proto:addr/bits:port". */
   workersAllowCount?: number;
   downloadAllow?: string[];
@@ -88,6 +115,8 @@ export interface EgressClient {
   probe(): Promise<ProbeResult>;
   allow(proto: 'tcp' | 'udp', cidr: string, port: number): Promise<void>;
   deny(proto: 'tcp' | 'udp', cidr: string, port: number): Promise<void>;
+  /** Attaches the gateway set to the calling process's own cgroup (the caller must be a gateway). */
+  confine(): Promise<ConfineResult>;
   /** Streams deny events (and ptrace/process_vm detections) until close() or the warden goes away. */
   events(onEvent: (e: DenyEvent) => void, onWatch?: (e: WatchEvent) => void): Promise<EventStream>;
 }
@@ -117,10 +146,9 @@ export function parseStatus(body: string): EgressStatus {
     if (!Number.isSafeInteger(v)) throw new WardenError('warden_protocol', `the egress status lacks ${k}`);
     return v;
   };
-  const sets = {} as Record<EgressSet, EgressSetStatus>;
-  for (const s of SETS) {
-    const programs = {} as Record<Hook, AttachedProgram[] | string>;
-    for (const h of HOOKS) {
+  const programsOf = <H extends Hook>(s: string, hooks: readonly H[]): Record<H, AttachedProgram[] | string> => {
+    const programs = {} as Record<H, AttachedProgram[] | string>;
+    for (const h of hooks) {
       const v = m.get(`${s}.${h}`);
       if (v === undefined) throw new WardenError('warden_protocol', `the egress status lacks ${s}.${h}`);
       programs[h] = v.startsWith('error:')
@@ -132,15 +160,27 @@ export function parseStatus(body: string): EgressStatus {
               return { id: Number(id), tag: tag ?? '' };
             });
     }
-    sets[s] = { cgroupId: num(`${s}.cgroup`), programs, denied: num(`${s}.denied`), allowed: num(`${s}.allowed`), lost: num(`${s}.lost`) };
+    return programs;
+  };
+  const list = (k: string): string[] => {
+    const v = m.get(k) ?? '-';
+    return v === '-' ? [] : v.split(',');
+  };
+  const sets = {} as Record<(typeof SETS)[number], EgressSetStatus>;
+  for (const s of SETS) {
+    sets[s] = { cgroupId: num(`${s}.cgroup`), programs: programsOf(s, HOOKS), denied: num(`${s}.denied`), allowed: num(`${s}.allowed`), lost: num(`${s}.lost`) };
   }
-  const allow = m.get('download.allow') ?? '-';
+  const gateway: GatewaySetStatus | undefined =
+    m.get('gateway') === 'off'
+      ? undefined
+      : { cgroupId: num('gateway.cgroup'), programs: programsOf('gateway', SOCK_HOOKS), allow: list('gateway.allow'), denied: num('gateway.denied'), allowed: num('gateway.allowed'), lost: num('gateway.lost') };
   return {
     mode: 'enforce',
     pins: m.get('pins') ?? '',
     sets,
+    ...(gateway ? { gateway } : {}),
     workersAllowCount: num('workers.allow'),
-    downloadAllow: allow === '-' ? [] : allow.split(','),
+    downloadAllow: list('download.allow'),
     eventsSent: num('events.sent'),
     eventsDropped: num('events.dropped'),
     watch: m.get('watch') === 'on',
@@ -246,6 +286,11 @@ export function createEgressClient(opts: { socketPath: string; timeoutMs?: numbe
     },
     async deny(proto, cidr, port) {
       await once(['DENY', proto, cidr, String(port)]);
+    },
+    async confine() {
+      const m = kv(await once(['CONFINE']));
+      const allow = m.get('allow') ?? '-';
+      return { cgroupId: Number(m.get('cgroup')), path: m.get('path') ?? '', allow: allow === '-' ? [] : allow.split(','), already: m.get('already') === '1' };
     },
     async events(onEvent, onWatch) {
       const { line, socket } = await request(opts.socketPath, ['EVENTS'], timeoutMs);

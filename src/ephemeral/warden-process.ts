@@ -28,6 +28,8 @@ export interface WardenProcessOptions {
   keydSocket?: string;
   /** --download-script/--download-uid: the model download helper run in download/ (issue 10). */
   download?: { script: string; uid: number };
+  /** --gateway-egress: the allowlist ("tcp|udp,ADDR/BITS,PORT" or "none") CONFINE attaches to a gateway's own cgroup (issue 13). */
+  gatewayEgress?: readonly string[];
   logger: Logger;
 }
 
@@ -60,6 +62,7 @@ export async function startWardenProcess(o: WardenProcessOptions): Promise<Warde
     ...(o.keydSocket ? ['--keyd-socket', o.keydSocket] : []),
     '--egress', o.egress ?? 'enforce',
     ...(o.download ? ['--download-script', o.download.script, '--download-uid', String(o.download.uid)] : []),
+    ...(o.gatewayEgress ?? []).flatMap((e) => ['--gateway-egress', e]),
   ];
   const log = o.logger.child({ component: 'warden' });
   const proc: ChildProcess = spawn(wardenBinaryPath(), args, { stdio: ['ignore', 'pipe', 'pipe'] });

@@ -31,6 +31,9 @@ const bad: Array<[string, unknown, string, RegExp]> = [
   ['no auth off loopback', { gateway: { host: '10.1.2.3', auth: 'none' } }, 'gateway.auth', /allowed only on a loopback host/],
   ['metrics off loopback', { gateway: { metricsHost: '0.0.0.0' } }, 'gateway.metricsHost', /loopback only/],
   ['duplicate model names', { models: [{ name: 'a', builtin: 'tiny' }, { name: 'a', builtin: 'bench' }], defaultModel: 'a' }, 'models', /used twice/],
+  ['gateway confinement with the process backend', { workers: { backend: 'process' }, egress: { confineGateway: true } }, 'egress.confineGateway', /needs workers\.backend "warden" or "docker"/],
+  ['gateway confinement with a warden the gateway starts', { warden: { start: true }, egress: { confineGateway: true } }, 'egress.confineGateway', /needs the warden as its own service/],
+  ['gateway confinement without the filter', { egress: { mode: 'off', confineGateway: true } }, 'egress.confineGateway', /needs egress\.mode "enforce"/],
 ];
 
 for (const [kind, input, key, message] of bad) {

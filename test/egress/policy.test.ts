@@ -3,7 +3,7 @@
 // filter.test.ts, verify.test.ts and gateway.test.ts.
 import t from 'tap';
 import { Writable } from 'node:stream';
-import { checkStatus, egressPolicyHash, loadExpectedTags } from '../../src/egress/policy.ts';
+import { checkGateway, checkStatus, egressPolicyHash, loadExpectedTags } from '../../src/egress/policy.ts';
 import { parseStatus, parseEvent, parseWatch, type EgressClient } from '../../src/egress/warden-egress.ts';
 import { createEgressMonitor } from '../../src/egress/monitor.ts';
 import { createLogger } from '../../src/logger.ts';
@@ -28,7 +28,7 @@ function statusLine(over: Record<string, string> = {}): string {
     for (const [h, tag] of Object.entries(TAGS)) f[`${s}.${h}`] = `${id++}:${tag}`;
     Object.assign(f, { [`${s}.denied`]: '3', [`${s}.allowed`]: '0', [`${s}.lost`]: '0' });
   }
-  Object.assign(f, { 'workers.allow': '0', 'download.allow': '-', 'events.sent': '1', 'events.dropped': '0', watch: 'on', 'watch.reported': '0' }, over);
+  Object.assign(f, { 'workers.allow': '0', 'download.allow': '-', gateway: 'off', 'events.sent': '1', 'events.dropped': '0', watch: 'on', 'watch.reported': '0' }, over);
   return Object.entries(f).map(([k, v]) => `${k}=${v}`).join(' ');
 }
 
@@ -114,4 +114,29 @@ t.test('a deny flood from one cgroup: all counted in the metrics, at most 20 a m
   t.equal(audit.filter((e) => e.type === 'egress_denied' && e.cgroupId === 78).length, 1, 'another cgroup is not starved');
   t.equal(audit.filter((e) => e.type === 'egress_denied' && e.cgroupId === 79).length, 0, 'probe denies are not audited');
   t.match(await registry.metrics(), /phantoma_egress_denied_total\{set="workers",hook="connect4"\} 51/, 'metrics count every real deny');
+});
+
+t.test('checkGateway: the socket programs, as built, on this very cgroup; the gateway allowlist in the hash', async (t) => {
+  const sock = (over: Record<string, string> = {}): string => {
+    const g: Record<string, string> = { gateway: 'x', 'gateway.cgroup': '42', 'gateway.allow': 'tcp:127.0.0.1/32:8443', 'gateway.denied': '0', 'gateway.allowed': '1', 'gateway.lost': '0' };
+    let id = 90;
+    for (const h of ['connect4', 'connect6', 'sendmsg4', 'sendmsg6']) g[`gateway.${h}`] = `${id++}:${TAGS[h as keyof typeof TAGS]}`;
+    return statusLine({ ...g, ...over });
+  };
+  const st = parseStatus(sock());
+  t.same(st.gateway?.allow, ['tcp:127.0.0.1/32:8443']);
+  t.equal(st.gateway?.cgroupId, 42);
+  t.same(checkGateway(st, expected, 42), [], 'confined as built');
+  t.same(checkGateway(parseStatus(statusLine()), expected, 42), ["the warden runs without --gateway-egress: nothing limits the gateway's own connections"]);
+  t.same(checkGateway(parseStatus(sock({ 'gateway.cgroup': '0' })), expected, 42), ['the gateway set is attached to no cgroup yet']);
+  t.same(checkGateway(st, expected, 43), ["the gateway set is on cgroup 42, not on this gateway's 43"], 'another cgroup (a gateway before a restart)');
+  t.same(checkGateway(parseStatus(sock({ 'gateway.sendmsg6': '-' })), expected, 42), ['gateway/sendmsg6: no program attached']);
+  t.match(checkGateway(parseStatus(sock({ 'gateway.connect4': '7:0123456789abcdef' })), expected, 42), [/gateway\/connect4: attached program tag 0123456789abcdef is not the built/]);
+  t.throws(() => parseStatus(sock({ 'gateway.connect6': undefined as never }).replace(/ gateway\.connect6=\S+/, '')), { code: 'warden_protocol' }, 'a gateway set without a hook is a protocol error');
+
+  const none = egressPolicyHash({ mode: 'enforce', expected, downloadAllow: [] });
+  const g = egressPolicyHash({ mode: 'enforce', expected, downloadAllow: [], gatewayAllow: ['tcp:127.0.0.1/32:8443'] });
+  t.not(g, none, 'a confined gateway shows in the hash');
+  t.not(g, egressPolicyHash({ mode: 'enforce', expected, downloadAllow: [], gatewayAllow: ['tcp:127.0.0.1/32:9443'] }), 'and so does its allowlist');
+  t.equal(none, egressPolicyHash({ mode: 'enforce', expected, downloadAllow: [] }), 'a node without confinement keeps its hash');
 });

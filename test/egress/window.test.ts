@@ -37,6 +37,7 @@ function fakeEgress(): EgressClient & { allowed: string[] } {
       allowed.splice(i, 1);
     },
     events: async () => Promise.reject(new Error('no')),
+    confine: async () => Promise.reject(new Error('no')),
   };
 }
 
