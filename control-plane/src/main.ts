@@ -19,6 +19,7 @@ import { CP_ERRORS, CpError, isCpError } from './errors.ts';
 import { createLeaseKey, readLeaseKeyFingerprint } from './lease-key.ts';
 import { openDb, migrate } from './db.ts';
 import { startControlPlane } from './server.ts';
+import { createNotifier } from '../../src/service/notify.ts';
 
 export interface Io {
   out: (s: string) => void;
@@ -146,10 +147,20 @@ export async function runCpCli(argv: string[], io: Io): Promise<number> {
     }
     if (cmd === 'serve') {
       const logger = createLogger({ level: config.logLevel });
+      // Under systemd (Type=notify): READY=1 once it listens with its database migrated; WATCHDOG=1 while
+      // the event loop runs and the database answers; otherwise nothing is sent (a no-op by hand, in tests).
+      // The environment is the process's own at the entry point: the notify variables leave it here.
+      const notifier = createNotifier(io.env as NodeJS.ProcessEnv, (err) => logger.warn({ err: err.message }, 'sd_notify failed'));
       const cp = await startControlPlane(config, { logger, credential: credential() });
       print(`phantoma-cp: serving ${cp.url} (lease key ${cp.fingerprint})`, { url: cp.url, fingerprint: cp.fingerprint, metrics: cp.metricsUrl, admin: cp.adminSocket });
+      notifier.ready(`serving ${cp.url}`);
+      const watchdog = notifier.watchdogMs === undefined ? undefined : setInterval(() => void pingDatabase(cp.db, notifier), Math.max(500, Math.floor(notifier.watchdogMs / 2)));
       const stopped = Promise.withResolvers<void>();
-      const stop = (): void => void cp.close().then(() => stopped.resolve());
+      const stop = (): void => {
+        clearInterval(watchdog);
+        notifier.stopping('stopping: closing connections');
+        void cp.close().then(() => stopped.resolve());
+      };
       process.once('SIGTERM', stop);
       process.once('SIGINT', stop);
       await stopped.promise;
@@ -184,6 +195,14 @@ export async function runCpCli(argv: string[], io: Io): Promise<number> {
     else io.err(`phantoma-cp: ${e.message} [${e.code}]`);
     return e.exit;
   }
+}
+
+/** WATCHDOG=1 only when the database answers within a second; a blocked event loop sends nothing at all. */
+async function pingDatabase(db: { query(sql: string): Promise<unknown> }, notifier: ReturnType<typeof createNotifier>): Promise<void> {
+  const timeout = new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 1000).unref());
+  const answer = await Promise.race([db.query('select 1').then(() => 'ok' as const, () => 'error' as const), timeout]);
+  if (answer === 'ok') notifier.watchdog();
+  else notifier.status(`degraded: the database did not answer (${answer})`);
 }
 
 if (import.meta.main) {

@@ -59,6 +59,8 @@ export function nodeConfig(): Record<string, unknown> {
     stateDir: '/var/lib/phantoma',
     gateway: { host: '127.0.0.1', port: GATEWAY_PORT, tls: 'off', auth: 'none', metricsPort: 9464 },
     warden: { socket: '/run/phantoma-warden/warden.sock', start: false },
+    // The gateway's own connections limited to the control plane (the warden's drop-in names it).
+    egress: { confineGateway: true },
     vault: { path: '/var/lib/phantoma-keyd/vault.phv', keydSocket: '/run/phantoma-keyd/keyd.sock', keydStart: false },
     updates: { root: '/opt/phantoma' },
     pool: { size: 1 },
@@ -82,6 +84,9 @@ export async function installNode(c: Container): Promise<void> {
     copyFileSync(join(DEPLOY, s), join(r, 'usr/lib/phantoma', s));
     chmodSync(join(r, 'usr/lib/phantoma', s), 0o755);
   }
+  // The installer's drop-in: the gateway may reach the control plane and nothing else.
+  mkdirSync(join(r, 'etc/systemd/system/phantoma-warden.service.d'), { recursive: true });
+  writeFileSync(join(r, 'etc/systemd/system/phantoma-warden.service.d/gateway-egress.conf'), `[Service]\nEnvironment=PHANTOMA_GATEWAY_EGRESS=tcp,127.0.0.1/32,${CP_PORT}\n`);
   mkdirSync(join(r, 'etc/systemd/journald.conf.d'), { recursive: true });
   for (const f of readdirSync(join(DEPLOY, 'journald.conf.d'))) copyFileSync(join(DEPLOY, 'journald.conf.d', f), join(r, 'etc/systemd/journald.conf.d', f));
   // Configuration (no secrets: world-readable) and credentials (root-only; systemd hands them to one unit).

@@ -6,7 +6,7 @@ import { readFileSync, readlinkSync, mkdirSync, writeFileSync, rmSync, chmodSync
 import { join } from 'node:path';
 import { ROOT } from '../helpers.ts';
 import { bootContainer, type Container } from '../helpers/nspawn.ts';
-import { DEPLOY, RUNNING_UNITS, UNITS, installNode, must, nodeConfig, releaseBinds, releaseSnapshot, removeSnapshot, show, waitFor } from './systemd-rig.ts';
+import { CP_PORT, DEPLOY, GATEWAY_PORT, RUNNING_UNITS, UNITS, installNode, must, nodeConfig, releaseBinds, releaseSnapshot, removeSnapshot, show, waitFor } from './systemd-rig.ts';
 
 const started = Date.now();
 
@@ -106,6 +106,7 @@ t.test('in a booted Debian 12 container', async (t) => {
     }
     t.equal((await show(ct, 'phantoma.service', ['StatusText'])).StatusText, 'serving tiny', 'the gateway STATUS= says it serves');
     t.equal((await show(ct, 'phantoma-warden.service', ['StatusText'])).StatusText, 'serving', 'the warden sent READY=1 itself');
+    t.equal((await show(ct, 'phantoma-control-plane.service', ['StatusText'])).StatusText, `serving https://127.0.0.1:${CP_PORT}`, 'the control plane sent READY=1 once it listened');
     // Who runs with what: the gateway unprivileged with no capability at all; the warden with its set.
     const gwPid = (await show(ct, 'phantoma.service', ['MainPID'])).MainPID!;
     const st = (await must(ct, ['cat', `/proc/${gwPid}/status`], 'gateway status')).stdout;
@@ -125,10 +126,12 @@ t.test('in a booted Debian 12 container', async (t) => {
     const j = await ct.exec(['journalctl', '--no-pager', '-b', '-u', 'phantoma.service', '-o', 'json', '--output-fields=MESSAGE,__MONOTONIC_TIMESTAMP,_PID']);
     const entries = j.stdout.split('\n').filter(Boolean).map((l) => JSON.parse(l) as { MESSAGE?: string; __MONOTONIC_TIMESTAMP: string });
     const at = (re: RegExp): number => Number(entries.find((e) => typeof e.MESSAGE === 'string' && re.test(e.MESSAGE))?.__MONOTONIC_TIMESTAMP ?? NaN);
+    const confined = at(/the gateway's own connections are now limited/);
     const verified = at(/egress filter verified \(kernel program tags and live probe\)/);
     const readySent = at(/READY=1 sent to systemd/);
     const startedLine = at(/^Started phantoma\.service/);
-    t.ok(verified > 0 && readySent > 0 && startedLine > 0, `all three lines are in the journal (${verified}, ${readySent}, ${startedLine})`);
+    t.ok(confined > 0 && verified > 0 && readySent > 0 && startedLine > 0, `all four lines are in the journal (${confined}, ${verified}, ${readySent}, ${startedLine})`);
+    t.ok(confined <= verified, "the gateway's own cgroup was confined before the filter counted as verified");
     t.ok(verified < readySent, 'the filter was verified before READY=1 was sent');
     t.ok(readySent <= startedLine, 'systemd marked the unit started only after READY=1');
     t.match((await ct.exec(['cat', '/etc/systemd/journald.conf.d/phantoma.conf'])).stdout, /^Storage=volatile$/m, 'the journald drop-in is installed');
@@ -141,6 +144,27 @@ t.test('in a booted Debian 12 container', async (t) => {
     t.equal(r.status, 200, `chat: ${JSON.stringify(r).slice(0, 400)}`);
     t.ok((r.body?.choices[0]?.message.content.length ?? 0) > 0, 'an answer');
     t.match(r.body?.choices[0]?.finish_reason ?? '', /^(length|stop)$/);
+  });
+
+  await t.test("the gateway's own connections: to the control plane only (socket BPF programs on its cgroup)", async (t) => {
+    // A process joined to the gateway unit's cgroup (as the container sees it: the gateway's own
+    // /proc/<pid>/cgroup under the cgroup2 mount) is filtered exactly like the gateway.
+    const gwPid = (await show(ct, 'phantoma.service', ['MainPID'])).MainPID!;
+    const connect = async (port: number, inGateway: boolean): Promise<string> => {
+      const py = `import socket\ns = socket.socket()\ntry:\n  s.connect(('127.0.0.1', ${port}))\n  print('connected')\nexcept OSError as e:\n  print(e.errno)`;
+      const join_ = inGateway ? `echo $$ > "$(findmnt -n -t cgroup2 -o TARGET | head -n 1)$(sed -n 's/^0:://p' /proc/${gwPid}/cgroup)/cgroup.procs" && ` : '';
+      return (await must(ct, ['sh', '-c', `${join_}exec python3 -c "$0"`, py], 'python3 connect')).stdout.trim();
+    };
+    const cur = await cursor(ct);
+    t.equal(await connect(GATEWAY_PORT, false), 'connected', "positive control: outside the gateway's cgroup the gateway's port is reachable");
+    t.equal(await connect(CP_PORT, true), 'connected', "inside: the control plane (the warden's PHANTOMA_GATEWAY_EGRESS) is reachable");
+    t.equal(await connect(GATEWAY_PORT, true), '1', 'inside: anything else is refused with EPERM (errno 1)');
+    const log = await waitFor('the deny in the gateway\'s log', 15_000, async () => {
+      const l = await journalSince(ct, cur, ['phantoma.service']);
+      return /egress denied/.test(l) ? l : undefined;
+    });
+    t.match(log, new RegExp(`"set":"gateway".*"port":${GATEWAY_PORT}|"port":${GATEWAY_PORT}.*"set":"gateway"`), 'the gateway logged the deny with set "gateway"');
+    t.equal((await show(ct, 'phantoma.service', ['StatusText'])).StatusText, 'serving tiny', 'and keeps serving');
   });
 
   await t.test('no READY=1 while the egress filter cannot be verified', async (t) => {
