@@ -146,6 +146,11 @@ t.test('one run makes an enrolled, ready node; a second run changes nothing; a r
   t.equal(seen.status, 'active');
   t.equal(seen.leaseState, 'valid');
   t.ok(seen.lastSeenAt, 'the control plane recorded when it last heard from the node');
+  // ... from a gateway whose own connections may reach the control plane and nothing else (issue 13).
+  t.match(readFileSync(join(c.root, 'etc/systemd/system/phantoma-warden.service.d/gateway-egress.conf'), 'utf8'), /^Environment="PHANTOMA_GATEWAY_EGRESS=tcp,127\.0\.0\.1\/32,8444"$/m, "the warden's allowlist for the gateway is the control plane's address from its URL");
+  t.match(JSON.parse(readFileSync(join(c.root, 'etc/phantoma/node.json'), 'utf8')), { egress: { confineGateway: true } }, 'the node asks for it');
+  const confined = await c.exec(['journalctl', '--no-pager', '-u', 'phantoma.service', '--grep', "the gateway's own connections are now limited"]);
+  t.equal(confined.code, 0, `the gateway was confined before it served: ${confined.stdout}`);
 
   // The drop-ins hold the settings; the live kernel values are the host's and were not touched.
   const sysctl = readFileSync(join(c.root, 'etc/sysctl.d/60-phantoma.conf'), 'utf8');
