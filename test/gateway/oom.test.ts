@@ -51,32 +51,40 @@ t.test('the same long prompt is served by a worker with its configured limit (po
 });
 
 t.test('a worker pushed past its memory limit is OOM-killed: 502 worker_out_of_memory, pool recovers', async (t) => {
-  await n.waitReady(60_000);
-  const worker = pool.workers()[0]!;
-  const pid = worker.pid!;
-  const cg = memoryCgroup(pid);
-  t.match(cg.dir, new RegExp(`/workers/${worker.id}$`), "the worker's own cgroup");
-  const configured = readFileSync(cg.limits[0]!, 'utf8').trim();
-  t.equal(configured, String(512 << 20), 'the warden set the configured limit');
-  // Reclaim what the kernel can take back without killing (page cache charged to the worker) before the
-  // usage is read: otherwise that reclaimable cache is headroom the request can grow into without an OOM.
-  for (const [file, value] of [['memory.force_empty', '0'], ['memory.reclaim', String(1 << 30)]] as const) {
-    try {
-      if (existsSync(join(cg.dir, file))) writeFileSync(join(cg.dir, file), value);
-    } catch {
-      /* nothing more could be reclaimed */
+  // How much a request grows a worker beyond its idle usage varies a little with load (GC timing, kernel
+  // memory): if a request still fits, the next warm worker gets less headroom (at most three tries).
+  let res: Response | undefined;
+  let pid = 0;
+  let cg: ReturnType<typeof memoryCgroup> | undefined;
+  for (const headroom of [1 << 20, 512 << 10, 128 << 10]) {
+    await n.waitReady(60_000);
+    const worker = pool.workers()[0]!;
+    pid = worker.pid!;
+    cg = memoryCgroup(pid);
+    t.match(cg.dir, new RegExp(`/workers/${worker.id}$`), "the worker's own cgroup");
+    const configured = readFileSync(cg.limits[0]!, 'utf8').trim();
+    t.equal(configured, String(512 << 20), 'the warden set the configured limit');
+    // Reclaim what the kernel can take back without killing (page cache charged to the worker) before the
+    // usage is read: otherwise that reclaimable cache is headroom the request can grow into without an OOM.
+    for (const [file, value] of [['memory.force_empty', '0'], ['memory.reclaim', String(1 << 30)]] as const) {
+      try {
+        if (existsSync(join(cg.dir, file))) writeFileSync(join(cg.dir, file), value);
+      } catch {
+        /* nothing more could be reclaimed */
+      }
     }
+    const tight = Number(readFileSync(cg.usage, 'utf8')) + headroom;
+    for (const f of cg.limits) writeFileSync(f, String(tight));
+    res = await n.post('/v1/chat/completions', request);
+    if (res.status !== 200) break;
+    t.comment(`the request fit in ${headroom} bytes of headroom; the next worker gets less`);
   }
-  const tight = Number(readFileSync(cg.usage, 'utf8')) + (1 << 20);
-  for (const f of cg.limits) writeFileSync(f, String(tight));
-
-  const res = await n.post('/v1/chat/completions', request);
-  t.equal(res.status, 502);
-  const err = ((await res.json()) as any).error;
+  t.equal(res!.status, 502);
+  const err = ((await res!.json()) as any).error;
   t.equal(err.code, 'worker_out_of_memory');
   t.equal(err.type, 'server_error');
   await until(() => !isAlive(pid), 5_000, `worker ${pid} to be gone`);
-  t.notOk(existsSync(cg.dir), 'its cgroup was removed');
+  t.notOk(existsSync(cg!.dir), 'its cgroup was removed');
 
   await n.waitReady(60_000);
   t.same(pool.stats(), { starting: 0, ready: 1, busy: 0, queued: 0 }, 'the pool is full again');
