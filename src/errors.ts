@@ -80,6 +80,7 @@ export const ERRORS = Object.freeze({
   REQUEST_KEY_UNKNOWN: def('request_key_unknown', 400, 'invalid_request_error', 9),
   KEYD_REFUSED: def('keyd_refused', 403, 'authentication_error', 9),
   KEYD_UNAVAILABLE: def('keyd_unavailable', 503, 'server_error', 9),
+  KEYD_WORKER_NOT_CONNECTED: def('keyd_worker_not_connected', 503, 'server_error', 9),
   KEY_DOCUMENT_INVALID: def('key_document_invalid', 502, 'server_error', 6),
   // Docker worker backend
   DOCKER_UNREACHABLE: def('docker_unreachable', 503, 'server_error', 5),

@@ -34,6 +34,7 @@ import type { PoolObserver } from './ephemeral/pool.ts';
 import { swapPolicy, type SwapDevice } from './doctor/checks.ts';
 import { probeSwaps } from './doctor/probe.ts';
 import { setupNodeEgress } from './egress/node.ts';
+import type { Envelope } from './sealed/envelope.ts';
 import { startWindowKeeper } from './egress/window.ts';
 import { createEgressClient } from './egress/warden-egress.ts';
 import { modelDirOf, writeServed } from './models/store.ts';
@@ -319,6 +320,8 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
       lookupClient: registry.lookupClient,
       lookupKey: registry.lookupKey,
       signReceipt: (payload: Buffer) => client.sign('receipt', payload),
+      // keyd decapsulates for the worker while the job travels to it (the key goes to that worker only).
+      prepareKey: (workerId: string, env: Envelope) => client.prepare(workerId, env),
       egressPolicyHash: egress.policyHash,
       releaseVersion: installedVersion(),
     };

@@ -67,7 +67,7 @@ export const AUDIT_EVENTS = {
   // keyd (issue 7): a refused caller (not a worker, a second decapsulation, not the gateway, an unknown or
   // expired request key) and each worker's one decapsulation
   keyd_refusal: { op: { kind: 'id', max: 32 }, code: { kind: 'id', max: 64 }, reason: { kind: 'id', max: 32 }, uid: int, workerId: { kind: 'id', optional: true } },
-  keyd_decapsulated: { workerId: id, keyId: { kind: 'id', max: 16 } },
+  keyd_decapsulated: { workerId: id, keyId: { kind: 'id', max: 16 }, op: { kind: 'id', max: 16 } },
   // signed updates (issue 12): a release verified and switched to (trial started), refused (the code names
   // the check), its trial's outcome, and a manual rollback
   update_installed: { version: { kind: 'id', max: 32 }, slot: { kind: 'id', max: 1 }, signers: int },

@@ -13,6 +13,11 @@ export interface WorkerExit {
 export interface WorkerHandle {
   readonly id: string;
   readonly pid: number | undefined;
+  /**
+   * The worker's id as keyd names it from the worker's cgroup (the warden's 16 hex id, a Docker container's
+   * 64 hex id), for the gateway's keyd `prepare`; undefined where keyd does not know the worker as one.
+   */
+  readonly keydId?: string;
   readonly stdin: Writable;
   readonly stdout: Readable;
   readonly stderr: Readable;

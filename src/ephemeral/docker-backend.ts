@@ -267,6 +267,10 @@ export function createDockerBackend(o: DockerBackendOptions): WorkerBackend & { 
 
       return {
         id,
+        // keyd knows a container by its cgroup, <cgroupParent>/<container id>; known once it is created.
+        get keydId() {
+          return container?.id;
+        },
         get pid() {
           return pid;
         },

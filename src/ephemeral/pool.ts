@@ -81,6 +81,8 @@ export interface RunOptions {
 export interface Lease {
   readonly workerId: string;
   readonly pid: number | undefined;
+  /** The worker's id as keyd knows it (WorkerHandle.keydId), when it has one. */
+  readonly keydWorkerId: string | undefined;
   /** Runs the one job this worker will ever serve. Ends the worker whatever happens. */
   run(job: JobMessage, opts: RunOptions): Promise<JobResult>;
   /** Ends the worker without running a job (e.g. validation failed after acquiring). */
@@ -254,6 +256,7 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
     return {
       workerId: w.handle.id,
       pid: w.handle.pid,
+      keydWorkerId: w.handle.keydId,
       release: () => end('unused', true).then(() => undefined),
       run(job, run) {
         return new Promise<JobResult>((resolve, reject) => {

@@ -154,6 +154,8 @@ export function createWardenBackend(opts: WardenBackendOptions): WorkerBackend &
 
       return {
         id,
+        // The warden makes the worker's cgroup workers/<id>, by which keyd knows it.
+        keydId: id,
         get pid() {
           return pid;
         },

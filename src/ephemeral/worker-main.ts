@@ -6,7 +6,7 @@ import { createLogger } from '../logger.ts';
 import { createLlamaRuntime, loadModelFile, createContext, prepareChatWrapper, generateChat, generateCompletion, generateEmbeddings, generateWithLogprobs, type GenerateOptions, type GenerateResult, type TokenLogprob } from '../models/llama.ts';
 import { ERRORS, PhantomaError, isPhantomaError } from '../errors.ts';
 import { setDumpable, mallocTrim } from '../native/addon.ts';
-import { parseEnvelope } from '../sealed/envelope.ts';
+import { parseEnvelope, type Envelope } from '../sealed/envelope.ts';
 import { deriveSessionKeys, openBody, createChunkSealer } from '../sealed/seal.ts';
 import { jobFromSealedBody, encodeEvent, type SealedEvent } from '../sealed/inner.ts';
 import { createKeydClient, openKeydConnection, type KeydConnection } from '../vault/keyd-client.ts';
@@ -195,10 +195,7 @@ async function serveSealed(request: Extract<JobMessage, { kind: 'sealed' }>, d: 
   const envelopeBytes = Buffer.from(request.envelope, 'base64');
   const env = parseEnvelope(envelopeBytes, d.spec.maxEnvelopeBytes ?? 8 * 1024 * 1024);
   if (!d.spec.keydSocket) throw new PhantomaError(ERRORS.KEYD_UNAVAILABLE, 'this worker has no keyd socket: sealed requests are not configured');
-  // The held connection unless keyd may be about to close it as idle (then a fresh one: nothing was sent).
-  const held = heldKeyd && Date.now() - heldKeyd.lastUsed < KEYD_IDLE_MS - 1000 ? heldKeyd.connection : undefined;
-  const requestKey = await createKeydClient({ socketPath: d.spec.keydSocket, ...(held ? { connection: held } : {}) }).decapsulate(env);
-  heldKeyd?.connection.close();
+  const requestKey = await takeRequestKey(env, request.prepared === true, d.spec.keydSocket);
   const keys = deriveSessionKeys(requestKey);
   requestKey.fill(0);
   const sealer = createChunkSealer(keys.responseKey);
@@ -265,6 +262,35 @@ async function serveSealed(request: Extract<JobMessage, { kind: 'sealed' }>, d: 
     const message = isPhantomaError(err) ? err.message : 'the worker failed';
     await sendSealed({ t: 'error', code, status, message }, true);
     await send({ type: 'done', finishReason: 'stop', usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs, generateMs: performance.now() - jobStart, sealedOutcome: 'error' });
+  }
+}
+
+/**
+ * This worker's per-request key. Prepared by the gateway: keyd pushes it onto the connection held since
+ * warm-up (usually it is there before the envelope is parsed, so no round trip waits). Not prepared, or that
+ * connection closed before keyd pushed anything (keyd closed it as idle, and then refused the prepare
+ * without counting it): the worker asks keyd itself, as its one decapsulation.
+ */
+async function takeRequestKey(env: Envelope, prepared: boolean, socketPath: string): Promise<Buffer> {
+  const held = heldKeyd;
+  heldKeyd = undefined;
+  try {
+    if (prepared && held?.connection.alive()) {
+      try {
+        const pushed = await held.connection.pushed();
+        // The key is for the envelope the gateway named; a different one would not open this body anyway.
+        if (pushed.transcriptHash !== Buffer.from(env.transcriptHash).toString('base64')) throw new PhantomaError(ERRORS.KEYD_REFUSED, 'keyd pushed a key for another request');
+        return Buffer.from(String(pushed.requestKey), 'base64');
+      } catch (err) {
+        // A pushed refusal is this worker's answer; only a connection that ended without one falls through.
+        if (!isPhantomaError(err) || err.code !== ERRORS.KEYD_UNAVAILABLE.code) throw err;
+      }
+    }
+    // The held connection unless keyd may be about to close it as idle (then a fresh one: nothing was sent).
+    const usable = held && held.connection.alive() && Date.now() - held.lastUsed < KEYD_IDLE_MS - 1000 ? held.connection : undefined;
+    return await createKeydClient({ socketPath, ...(usable ? { connection: usable } : {}) }).decapsulate(env);
+  } finally {
+    held?.connection.close();
   }
 }
 

@@ -67,8 +67,11 @@ export type JobMessage =
   | { type: 'job'; kind: 'completion'; requestId: string; prompt: string; params: SamplingParams }
   /** Embeddings for every input, in one worker (issue 15). */
   | { type: 'job'; kind: 'embeddings'; requestId: string; inputs: string[] }
-  /** A sealed request (docs/protocol.md): the whole envelope, base64; only this worker can open it. */
-  | { type: 'job'; kind: 'sealed'; requestId: string; envelope: string };
+  /**
+   * A sealed request (docs/protocol.md): the whole envelope, base64; only this worker can open it.
+   * `prepared`: the gateway has asked keyd to push this worker's request key onto its held connection.
+   */
+  | { type: 'job'; kind: 'sealed'; requestId: string; envelope: string; prepared?: boolean };
 
 export type FinishReason = 'stop' | 'length' | 'abort' | 'tool_calls';
 

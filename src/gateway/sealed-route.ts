@@ -17,6 +17,7 @@ import type { JobEnd, JobResult } from '../ephemeral/pool.ts';
 import type { ServedModel } from './app.ts';
 import type { AuditEvent } from '../audit/audit-events.ts';
 import { errorBody } from './openai.ts';
+import type { RefreshMoment } from './sealed-registry.ts';
 
 export const SEALED_PATH = '/phantoma/v1/sealed';
 export const SEALED_CONTENT_TYPE = 'application/vnd.phantoma.sealed-envelope';
@@ -27,10 +28,20 @@ export interface SealedApiDeps {
   /** Envelopes stamped before this are refused (the replay memory starts empty with the process). */
   processStartMs: number;
   maxRememberedNonces: number;
-  /** Brings lookupClient/lookupKey up to date (cheap when fresh); called before each envelope's checks. */
-  refresh?(): Promise<void>;
+  /**
+   * Brings lookupClient/lookupKey up to date (src/gateway/sealed-registry.ts): before each envelope's
+   * checks (waits only for a missing or too old copy), again when they found no such client or key id, and
+   * after the response (a background refresh, kept off the request's path).
+   */
+  refresh?(moment?: RefreshMoment): Promise<void>;
   lookupClient(name: string): KnownClient | undefined;
   lookupKey(keyId: string): KnownRequestKey | undefined;
+  /**
+   * keyd's `prepare` (src/vault/keyd.ts): keyd does worker `workerId`'s one decapsulation for this envelope
+   * and pushes the key onto that worker's own connection; the gateway gets ok or a code, never the key.
+   * Without it the worker asks keyd itself after its job arrives (one more serial round trip).
+   */
+  prepareKey?(workerId: string, env: Envelope): Promise<void>;
   /** keyd's signature (purpose "receipt") over the receipt's canonical JSON. */
   signReceipt(payload: Buffer): Promise<Buffer>;
   egressPolicyHash(): string;
@@ -99,10 +110,10 @@ export function registerSealedRoute(
     const started = deps.now();
     const body = request.body;
     if (!Buffer.isBuffer(body)) throw new PhantomaError(ERRORS.UNSUPPORTED_MEDIA_TYPE, `send the envelope as ${SEALED_CONTENT_TYPE}`);
-    let env: Envelope;
-    try {
-      await deps.refresh?.();
-      env = checkEnvelope(body, {
+    // The registry's background refresh waits for this response's end (it competed with the worker's keyd hop).
+    reply.raw.once('close', () => void deps.refresh?.('after-request'));
+    const check = (): Envelope =>
+      checkEnvelope(body, {
         maxEnvelopeBytes: deps.maxEnvelopeBytes,
         lookupClient: deps.lookupClient,
         lookupKey: deps.lookupKey,
@@ -111,6 +122,18 @@ export function registerSealedRoute(
         windowMs: deps.windowMs,
         nonces,
       });
+    let env: Envelope;
+    try {
+      await deps.refresh?.('before-request');
+      try {
+        env = check();
+      } catch (err) {
+        // A client or key id the copy lacks may be new (a client added, a key rotated): check once more
+        // against a fresh copy. Both checks come before the replay check, so the nonce is not yet spent.
+        if (!deps.refresh || !isPhantomaError(err) || (err.code !== ERRORS.SEALED_UNKNOWN_CLIENT.code && err.code !== ERRORS.SEALED_UNKNOWN_KEY.code)) throw err;
+        await deps.refresh('missing-entry');
+        env = check();
+      }
     } catch (err) {
       if (isPhantomaError(err)) audit({ type: 'refusal', requestId: request.id, code: err.code, route: SEALED_PATH });
       throw err;
@@ -122,7 +145,20 @@ export function registerSealedRoute(
     });
     const lease = await served.pool.acquire(ac.signal);
     request.logFields = { ...request.logFields, model: served.name, workerId: lease.workerId, sealed: true };
-    const job = { type: 'job' as const, kind: 'sealed' as const, requestId: request.id, envelope: body.toString('base64') };
+    // keyd decapsulates while the job travels to the worker, instead of after the worker has read it. A
+    // refusal needs nothing here: keyd then pushes the worker its code, or, when the worker holds no
+    // connection (keyd_worker_not_connected), counted nothing and the worker asks for itself.
+    const keydId = lease.keydWorkerId;
+    const prepared = deps.prepareKey !== undefined && keydId !== undefined;
+    if (prepared) {
+      deps.prepareKey!(keydId, env).catch((err: unknown) => {
+        const code = isPhantomaError(err) ? err.code : 'keyd_failed';
+        const fields = { code, workerId: lease.workerId };
+        if (code === ERRORS.KEYD_WORKER_NOT_CONNECTED.code) request.log.debug(fields, 'keyd did not prepare the request key');
+        else request.log.warn(fields, 'keyd did not prepare the request key');
+      });
+    }
+    const job = { type: 'job' as const, kind: 'sealed' as const, requestId: request.id, envelope: body.toString('base64'), ...(prepared ? { prepared: true } : {}) };
     let end: JobEnd | undefined;
     const onEnded = (e: JobEnd): void => {
       end = e;

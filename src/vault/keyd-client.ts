@@ -29,12 +29,24 @@ export interface KeydClient {
   registry(): Promise<KeydRegistry>;
   /** A worker's one call: the per-request key (32 bytes). */
   decapsulate(r: DecapsulateRequest): Promise<Buffer>;
+  /**
+   * The gateway, handing a sealed job to worker `workerId`: keyd does that worker's one decapsulation now
+   * and pushes the key onto the worker's own connection (the gateway gets only ok or keyd's code). Over a
+   * connection this client holds, so no connect or caller identification is on the request's path.
+   */
+  prepare(workerId: string, r: DecapsulateRequest): Promise<void>;
 }
 
-/** A held connection to keyd: calls go one at a time, in order; it is dead once keyd closed it (idle). */
+/**
+ * A held connection to keyd: calls are answered in order (keyd answers each line before it reads the
+ * next, so several may be in flight); lines keyd pushes unasked (a worker's prepared key) are kept apart
+ * for `pushed()`. It is dead once keyd closed it (idle).
+ */
 export interface KeydConnection {
   alive(): boolean;
   call(request: Record<string, unknown>): Promise<Record<string, unknown>>;
+  /** The first line keyd pushed (already here, or when it comes); fails when the connection ends first. */
+  pushed(): Promise<Record<string, unknown>>;
   close(): void;
 }
 
@@ -53,16 +65,36 @@ export function openKeydConnection(opts: { socketPath: string; timeoutMs?: numbe
   return new Promise((resolve, reject) => {
     const socket: Socket = connect(opts.socketPath);
     let open = false;
+    let ended: PhantomaError | undefined;
     let buf = '';
-    let pending: { resolve(r: Record<string, unknown>): void; reject(e: Error): void; request: Record<string, unknown>; timer: NodeJS.Timeout } | undefined;
+    interface Pending {
+      resolve(r: Record<string, unknown>): void;
+      reject(e: Error): void;
+      request: Record<string, unknown>;
+      timer?: NodeJS.Timeout;
+    }
+    const pending: Pending[] = [];
+    let push: { line?: string; waiter?: Pending } = {};
     const fail = (why: string): void => {
       open = false;
       socket.destroy();
-      const p = pending;
-      pending = undefined;
-      if (p) {
+      ended ??= new PhantomaError(ERRORS.KEYD_UNAVAILABLE, `keyd at ${opts.socketPath}: ${why}`);
+      for (const p of pending.splice(0)) {
         clearTimeout(p.timer);
-        p.reject(new PhantomaError(ERRORS.KEYD_UNAVAILABLE, `keyd at ${opts.socketPath}: ${why}`));
+        p.reject(ended);
+      }
+      if (push.waiter) {
+        clearTimeout(push.waiter.timer);
+        push.waiter.reject(ended);
+        push.waiter = undefined;
+      }
+    };
+    const settle = (p: Pending, line: string): void => {
+      clearTimeout(p.timer);
+      try {
+        p.resolve(checkedReply(line, p.request));
+      } catch (err) {
+        p.reject(err instanceof SyntaxError ? new PhantomaError(ERRORS.KEYD_UNAVAILABLE, 'keyd: the reply is not JSON') : (err as Error));
       }
     };
     const connectTimer = setTimeout(() => {
@@ -80,17 +112,19 @@ export function openKeydConnection(opts: { socketPath: string; timeoutMs?: numbe
     socket.on('data', (chunk: string) => {
       buf += chunk;
       if (buf.length > KEYD_MAX_LINE * 2) return fail('reply too long');
-      const nl = buf.indexOf('\n');
-      if (nl < 0 || !pending) return;
-      const line = buf.slice(0, nl);
-      buf = buf.slice(nl + 1);
-      const p = pending;
-      pending = undefined;
-      clearTimeout(p.timer);
-      try {
-        p.resolve(checkedReply(line, p.request));
-      } catch (err) {
-        p.reject(err instanceof SyntaxError ? new PhantomaError(ERRORS.KEYD_UNAVAILABLE, 'keyd: the reply is not JSON') : (err as Error));
+      let nl;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        // A pushed line names itself; keyd pushes at most one (a worker's one decapsulation).
+        if (line.startsWith('{"push":')) {
+          if (push.waiter) settle(push.waiter, line);
+          else if (push.line === undefined) push.line = line;
+          push.waiter = undefined;
+          continue;
+        }
+        const p = pending.shift();
+        if (p) settle(p, line);
       }
     });
     socket.once('connect', () => {
@@ -104,10 +138,22 @@ export function openKeydConnection(opts: { socketPath: string; timeoutMs?: numbe
         },
         call(request) {
           if (!open || socket.destroyed) return Promise.reject(new PhantomaError(ERRORS.KEYD_UNAVAILABLE, `keyd at ${opts.socketPath}: the connection is closed`));
-          if (pending) return Promise.reject(new PhantomaError(ERRORS.INTERNAL, 'keyd connection: one call at a time'));
           return new Promise((res, rej) => {
-            pending = { resolve: res, reject: rej, request, timer: setTimeout(() => fail('no answer in time'), timeoutMs) };
+            pending.push({ resolve: res, reject: rej, request, timer: setTimeout(() => fail('no answer in time'), timeoutMs) });
             socket.write(JSON.stringify(request) + '\n');
+          });
+        },
+        pushed() {
+          const request = { op: 'prepare' };
+          if (push.line !== undefined) {
+            const line = push.line;
+            push.line = undefined;
+            return new Promise((res, rej) => settle({ resolve: res, reject: rej, request }, line));
+          }
+          if (ended) return Promise.reject(ended);
+          if (push.waiter) return Promise.reject(new PhantomaError(ERRORS.INTERNAL, 'keyd connection: one wait for the pushed line at a time'));
+          return new Promise((res, rej) => {
+            push.waiter = { resolve: res, reject: rej, request, timer: setTimeout(() => fail('no pushed key in time'), timeoutMs) };
           });
         },
       });
@@ -117,6 +163,22 @@ export function openKeydConnection(opts: { socketPath: string; timeoutMs?: numbe
 
 export function createKeydClient(opts: { socketPath: string; timeoutMs?: number; connection?: KeydConnection }): KeydClient {
   const timeoutMs = opts.timeoutMs ?? 5000;
+  // prepare's connection: opened on first use, opened again once keyd has closed it (idle).
+  let held: Promise<KeydConnection> | undefined;
+  let openHeld: KeydConnection | undefined;
+  const heldConnection = (): Promise<KeydConnection> => {
+    if (openHeld?.alive()) return Promise.resolve(openHeld);
+    // One opening at a time: callers meanwhile share it; a failed or dead one is replaced by the next call.
+    if (!held || openHeld) {
+      openHeld = undefined;
+      const opening = openKeydConnection({ socketPath: opts.socketPath, timeoutMs }).then((c) => (openHeld = c));
+      opening.catch(() => {
+        if (held === opening) held = undefined;
+      });
+      held = opening;
+    }
+    return held;
+  };
   function call(request: Record<string, unknown>): Promise<Record<string, unknown>> {
     if (opts.connection?.alive()) return opts.connection.call(request);
     return new Promise((resolve, reject) => {
@@ -155,6 +217,7 @@ export function createKeydClient(opts: { socketPath: string; timeoutMs?: number;
     });
   }
   const b64 = (b: Uint8Array): string => Buffer.from(b).toString('base64');
+  const kemFields = (r: DecapsulateRequest): Record<string, string> => ({ keyId: r.keyId, ephemeralPublicKey: b64(r.ephemeralPublicKey), kemCiphertext: b64(r.kemCiphertext), transcriptHash: b64(r.transcriptHash) });
   return {
     call,
     ping: async () => ({ pid: Number((await call({ op: 'ping' })).pid) }),
@@ -171,10 +234,14 @@ export function createKeydClient(opts: { socketPath: string; timeoutMs?: number;
       return { clients: r.clients as KeydRegistry['clients'], requestKeys: r.requestKeys as KeydRegistry['requestKeys'] };
     },
     sign: async (purpose, payload) => Buffer.from(String((await call({ op: 'sign', purpose, payload: b64(payload) })).signature), 'base64'),
-    decapsulate: async (r) =>
-      Buffer.from(
-        String((await call({ op: 'decapsulate', keyId: r.keyId, ephemeralPublicKey: b64(r.ephemeralPublicKey), kemCiphertext: b64(r.kemCiphertext), transcriptHash: b64(r.transcriptHash) })).requestKey),
-        'base64',
-      ),
+    decapsulate: async (r) => {
+      const rep = await call({ op: 'decapsulate', ...kemFields(r) });
+      return Buffer.from(String(rep.requestKey), 'base64');
+    },
+    prepare: async (workerId, r) => {
+      const request = { op: 'prepare', workerId, ...kemFields(r) };
+      // Written before this returns when the connection is open, so it reaches keyd ahead of the job.
+      await (openHeld?.alive() ? openHeld : await heldConnection()).call(request);
+    },
   };
 }

@@ -1,6 +1,11 @@
 // keyd: the one process that holds the vault's private keys. It answers on a unix path socket:
 //   decapsulate  — a worker's single request to turn a sealed request's KEM fields into its per-request
 //                  key; once per worker *cgroup* (a second attempt, on any connection, is refused and audited)
+//   prepare      — the gateway, as it hands a sealed job to a warm worker, has keyd do that worker's one
+//                  decapsulation at once: the key is pushed onto the worker's own held connection (a line
+//                  {"push":"request-key",...}), never to the gateway, which gets only ok or a code. It
+//                  takes the worker's one decapsulation like `decapsulate` does: whichever comes first wins,
+//                  the other is refused. The worker then does not wait for a serial round trip to keyd.
 //   key-document — the signed key document (built here from keyd's own request keys, so a compromised
 //                  gateway cannot have other request keys signed), for the gateway's uid
 //   sign         — a receipt or heartbeat payload, for the gateway's uid (domain-separated, signing.ts)
@@ -50,11 +55,25 @@ export interface KeydPolicy {
 /** keyd's audit events (relayed to the node's audit log by the gateway, src/vault/keyd-process.ts). */
 export type KeydAuditEvent =
   | { type: 'keyd_refusal'; op: string; code: string; reason: string; uid: number; workerId?: string }
-  | { type: 'keyd_decapsulated'; workerId: string; keyId: string };
+  | { type: 'keyd_decapsulated'; workerId: string; keyId: string; op: string };
 
 export interface KeyService {
   handle(caller: Caller, request: unknown): Record<string, unknown>;
+  /**
+   * A connection was identified: a worker's is remembered (with a way to push a line onto it) until the
+   * returned function is called at its close, so `prepare` can deliver to that worker and no other.
+   */
+  attach(caller: Caller, channel: PushChannel): () => void;
 }
+
+/** A connection as the service sees it: whether it can still take a line, and how to push one. */
+export interface PushChannel {
+  live(): boolean;
+  push(message: Record<string, unknown>): void;
+}
+
+/** The line keyd pushes onto a worker's connection after a `prepare` (the request key, or why there is none). */
+export const PUSH_REQUEST_KEY = 'request-key';
 
 export function workerIdOf(caller: Caller, policy: KeydPolicy): string | undefined {
   if (caller.uid < policy.workerUids.from || caller.uid > policy.workerUids.to || !caller.cgroup) return undefined;
@@ -104,21 +123,53 @@ export function createKeyService(deps: {
   };
   const isGateway = (c: Caller): boolean => c.uid === deps.policy.gatewayUid && workerIdOf(c, deps.policy) === undefined;
 
+  // Workers' live connections by worker id, oldest first; each knows its cgroup (the unit of "once").
+  const attached = new Map<string, Array<{ cgroup: string; channel: PushChannel }>>();
+
   function decap(caller: Caller, r: Record<string, unknown>): Record<string, unknown> {
     const workerId = workerIdOf(caller, deps.policy);
     if (!workerId) return refuse(caller, 'decapsulate', ERRORS.KEYD_REFUSED, 'not_worker', 'only a worker the warden started may decapsulate');
-    const cg = caller.cgroup!;
-    if (used.has(cg)) return refuse(caller, 'decapsulate', ERRORS.KEYD_REFUSED, 'second_decapsulation', 'this worker has already had its one decapsulation', workerId);
-    if (used.size >= KEYD_MAX_USED) return refuse(caller, 'decapsulate', ERRORS.KEYD_REFUSED, 'memory_full', 'keyd remembers too many workers; restart it', workerId);
+    return issue(caller, 'decapsulate', workerId, caller.cgroup!, r);
+  }
+
+  /** The gateway's prepare: the worker's one decapsulation, its result pushed to that worker's connection. */
+  function prepare(caller: Caller, r: Record<string, unknown>): Record<string, unknown> {
+    const workerId = typeof r.workerId === 'string' && /^(?:[0-9a-f]{16}|[0-9a-f]{64})$/.test(r.workerId) ? r.workerId : undefined;
+    if (!workerId) return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'prepare needs workerId (16 or 64 hex)' };
+    // The worker's oldest live connection: the one it opened while warm. Without one (closed as idle, or a
+    // worker that never connected) nothing is counted: the worker asks for itself, as without prepare.
+    const conn = attached.get(workerId)?.find((e) => e.channel.live());
+    if (!conn) return { ok: false, code: ERRORS.KEYD_WORKER_NOT_CONNECTED.code, message: `worker ${workerId} holds no connection to keyd; it will ask itself` };
+    // Already used (the worker asked first, or a second prepare): refused and audited, nothing pushed —
+    // that worker's one decapsulation has been answered already.
+    const refused = spent(caller, 'prepare', workerId, conn.cgroup);
+    if (refused) return refused;
+    const result = issue(caller, 'prepare', workerId, conn.cgroup, r);
+    // The key (or why this attempt, now counted, failed) goes to the worker; the gateway learns the outcome only.
+    conn.channel.push({ push: PUSH_REQUEST_KEY, transcriptHash: r.transcriptHash, ...result });
+    return result.ok === true ? { ok: true } : { ok: false, code: result.code, message: result.message };
+  }
+
+  /** The refusal when this worker cgroup cannot have a decapsulation (any more), else undefined. */
+  function spent(caller: Caller, op: string, workerId: string, cg: string): Record<string, unknown> | undefined {
+    if (used.has(cg)) return refuse(caller, op, ERRORS.KEYD_REFUSED, 'second_decapsulation', 'this worker has already had its one decapsulation', workerId);
+    if (used.size >= KEYD_MAX_USED) return refuse(caller, op, ERRORS.KEYD_REFUSED, 'memory_full', 'keyd remembers too many workers; restart it', workerId);
+    return undefined;
+  }
+
+  /** A worker cgroup's one decapsulation, whoever asked for it (the worker itself, or the gateway's prepare). */
+  function issue(caller: Caller, op: string, workerId: string, cg: string, r: Record<string, unknown>): Record<string, unknown> {
+    const refused = spent(caller, op, workerId, cg);
+    if (refused) return refused;
     // Counted before anything else can fail: a worker gets one attempt, successful or not.
     used.add(cg);
     const eph = b64(r.ephemeralPublicKey, X25519_PUBLIC_BYTES);
     const ct = b64(r.kemCiphertext, MLKEM768_CIPHERTEXT_BYTES);
     const th = b64(r.transcriptHash, TRANSCRIPT_HASH_BYTES);
-    if (typeof r.keyId !== 'string' || !eph || !ct || !th) return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'decapsulate needs keyId, ephemeralPublicKey (32 B), kemCiphertext (1088 B), transcriptHash (32 B), base64' };
+    if (typeof r.keyId !== 'string' || !eph || !ct || !th) return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: `${op} needs keyId, ephemeralPublicKey (32 B), kemCiphertext (1088 B), transcriptHash (32 B), base64` };
     const key = deps.contents().requestKeys.find((k) => k.id === r.keyId);
     if (!key || !isKeyUsable(key, now())) {
-      audit({ type: 'keyd_refusal', op: 'decapsulate', code: ERRORS.REQUEST_KEY_UNKNOWN.code, reason: key ? 'key_expired' : 'key_unknown', uid: caller.uid, workerId });
+      audit({ type: 'keyd_refusal', op, code: ERRORS.REQUEST_KEY_UNKNOWN.code, reason: key ? 'key_expired' : 'key_unknown', uid: caller.uid, workerId });
       return { ok: false, code: ERRORS.REQUEST_KEY_UNKNOWN.code, message: `request key ${String(r.keyId).slice(0, 16)} is unknown or past its window` };
     }
     let requestKey: Uint8Array;
@@ -127,7 +178,7 @@ export function createKeyService(deps: {
     } catch {
       return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'the KEM fields do not decapsulate' };
     }
-    audit({ type: 'keyd_decapsulated', workerId, keyId: key.id });
+    audit({ type: 'keyd_decapsulated', workerId, keyId: key.id, op });
     const out = Buffer.from(requestKey).toString('base64');
     requestKey.fill(0);
     return { ok: true, requestKey: out };
@@ -157,14 +208,28 @@ export function createKeyService(deps: {
   }
 
   return {
+    attach(caller, channel) {
+      const workerId = workerIdOf(caller, deps.policy);
+      if (!workerId) return () => {};
+      const entry = { cgroup: caller.cgroup!, channel };
+      const list = attached.get(workerId) ?? [];
+      list.push(entry);
+      attached.set(workerId, list);
+      return () => {
+        const rest = (attached.get(workerId) ?? []).filter((e) => e !== entry);
+        if (rest.length > 0) attached.set(workerId, rest);
+        else attached.delete(workerId);
+      };
+    },
     handle(caller, request) {
       const r = (request && typeof request === 'object' ? request : {}) as Record<string, unknown>;
       const op = typeof r.op === 'string' ? r.op.slice(0, 32) : '';
       if (op === 'decapsulate') return decap(caller, r);
-      if (op !== 'key-document' && op !== 'sign' && op !== 'tls' && op !== 'ping' && op !== 'registry') return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'unknown op' };
+      if (op !== 'key-document' && op !== 'sign' && op !== 'tls' && op !== 'ping' && op !== 'registry' && op !== 'prepare') return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'unknown op' };
       if (op === 'ping') return { ok: true, pid: process.pid };
       if (!isGateway(caller)) return refuse(caller, op, ERRORS.KEYD_REFUSED, 'not_gateway', `${op} is for the gateway only`);
       if (op === 'key-document') return keyDocument(r);
+      if (op === 'prepare') return prepare(caller, r);
       if (op === 'registry') {
         // What the gateway's sealed checks need, all public: clients (name, Ed25519 public key, revoked)
         // and the request key ids with their windows. No private key leaves keyd.
@@ -235,6 +300,13 @@ export async function listenKeyd(opts: { socketPath: string; service: KeyService
       socket.end(JSON.stringify({ ok: false, code: ERRORS.KEYD_REFUSED.code, message: 'caller not identifiable' }) + '\n');
       return;
     }
+    // A worker's connection is where a prepared key is pushed; a destroyed one takes nothing (an idle
+    // close destroys at once, its 'close' event comes later).
+    const detach = opts.service.attach(caller, {
+      live: () => !socket.destroyed && socket.writable,
+      push: (message) => void socket.write(JSON.stringify(message) + '\n'),
+    });
+    socket.once('close', detach);
     let buf = '';
     socket.setEncoding('utf8');
     socket.on('data', (chunk: string) => {

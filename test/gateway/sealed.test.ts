@@ -58,6 +58,14 @@ t.test('a streamed sealed chat: text arrives in order, the receipt verifies and 
   t.equal(a.receipt.egressPolicyHash, doc.egressPolicyHash, 'the receipt names the egress policy of the key document');
   const served = auditEntries().filter((e) => e.type === 'request_served' && e.outcome === 'ok');
   t.ok(served.length >= 1 && served.every((e: any) => e.promptTokens === 0), 'audited without token counts (they stay sealed)');
+  // The gateway had keyd decapsulate for the worker while the job travelled (keyd's prepare): the worker
+  // got its key pushed instead of asking after it read the job.
+  let decaps: any[] = [];
+  for (let i = 0; i < 50 && decaps.length === 0; i++) {
+    decaps = auditEntries().filter((e) => e.type === 'keyd_decapsulated');
+    if (decaps.length === 0) await new Promise((r) => setTimeout(r, 100));
+  }
+  t.ok(decaps.length >= 1 && decaps.every((e) => e.op === 'prepare'), `every decapsulation was prepared by the gateway (${decaps.map((e) => e.op).join(',')})`);
 });
 
 t.test('a non-streamed sealed chat gives the same text for the same seed', async (t) => {

@@ -189,3 +189,117 @@ t.test('the gateway uid gets signatures, TLS and the key document, but no decaps
   const err = await down.ping().catch((e: unknown) => e);
   t.ok(isPhantomaError(err) && err.code === 'keyd_unavailable', 'no keyd: keyd_unavailable');
 });
+
+// A worker that holds its connection, as a warm worker does: pings, says "ready", records every line keyd
+// sends, and on command reports them or sends a request over the same connection.
+const HOLDER = `
+const net = require('node:net');
+const s = net.connect(process.argv[1]);
+let b = '';
+const lines = [];
+s.on('data', (c) => {
+  b += c;
+  for (let i = b.indexOf('\\n'); i >= 0; i = b.indexOf('\\n')) {
+    lines.push(JSON.parse(b.slice(0, i)));
+    b = b.slice(i + 1);
+    if (lines.length === 1) process.stdout.write('ready\\n');
+  }
+});
+s.write('{"op":"ping"}\\n');
+let cmd = '';
+process.stdin.on('data', (d) => {
+  cmd += d;
+  for (let i = cmd.indexOf('\\n'); i >= 0; i = cmd.indexOf('\\n')) {
+    const c = cmd.slice(0, i);
+    cmd = cmd.slice(i + 1);
+    if (c === 'report') process.stdout.write(JSON.stringify(lines.slice(1)) + '\\n');
+    else if (c === 'exit') process.exit(0);
+    else s.write(c + '\\n');
+  }
+});`;
+
+async function holder(uid: number, cgroup: string): Promise<{ send(line: string): void; lines(min: number): Promise<Array<Record<string, unknown>>>; stop(): Promise<void> }> {
+  const child = spawn(process.execPath, ['-e', HOLDER, socketPath], { uid, gid: uid, cwd: '/', stdio: ['pipe', 'pipe', 'pipe'] });
+  writeFileSync(join(cgroup, 'cgroup.procs'), String(child.pid));
+  let out = '';
+  child.stdout.on('data', (c: Buffer) => (out += c));
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  const waitFor = async (pred: () => boolean, what: string): Promise<void> => {
+    for (let i = 0; i < 200 && !pred(); i++) await new Promise((r) => setTimeout(r, 10));
+    if (!pred()) throw new Error(`holder: no ${what}`);
+  };
+  await waitFor(() => out.startsWith('ready\n'), 'ready');
+  return {
+    send: (line) => child.stdin.write(line + '\n'),
+    async lines(min) {
+      // Asks until at least `min` lines arrived (bounded), then returns what keyd sent after the ping.
+      for (let i = 0; i < 50; i++) {
+        out = 'ready\n';
+        child.stdin.write('report\n');
+        await waitFor(() => out.split('\n').length > 2, 'report');
+        const got = JSON.parse(out.split('\n')[1]!) as Array<Record<string, unknown>>;
+        if (got.length >= min) return got;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      throw new Error(`holder: fewer than ${min} lines`);
+    },
+    async stop() {
+      child.stdin.write('exit\n');
+      await exited;
+    },
+  };
+}
+
+const fieldsOf = (f: { request: Record<string, string> }): { keyId: string; ephemeralPublicKey: Buffer; kemCiphertext: Buffer; transcriptHash: Buffer } => ({
+  keyId: f.request.keyId!,
+  ephemeralPublicKey: Buffer.from(f.request.ephemeralPublicKey!, 'base64'),
+  kemCiphertext: Buffer.from(f.request.kemCiphertext!, 'base64'),
+  transcriptHash: Buffer.from(f.request.transcriptHash!, 'base64'),
+});
+
+t.test("the gateway's prepare pushes the key onto that worker's own connection, once", async (t) => {
+  const w = workerCgroup();
+  const other = workerCgroup();
+  const hw = await holder(61010, w.path);
+  const ho = await holder(61011, other.path);
+  t.teardown(async () => {
+    await hw.stop();
+    await ho.stop();
+  });
+  const gateway = createKeydClient({ socketPath });
+  const a = sealedFields();
+  await gateway.prepare(w.id, fieldsOf(a));
+  const [pushed] = await hw.lines(1);
+  t.same(pushed, { push: 'request-key', transcriptHash: a.request.transcriptHash, ok: true, requestKey: a.expected }, 'the worker got the key for that envelope, unasked');
+  // The once-per-worker rule holds across prepare and decapsulate, whichever comes first.
+  const again = await gateway.prepare(w.id, fieldsOf(sealedFields())).catch((e: unknown) => e);
+  t.ok(isPhantomaError(again) && again.code === 'keyd_refused', `a second prepare for that worker: keyd_refused (${String(again)})`);
+  hw.send(JSON.stringify(sealedFields().request));
+  const after = await hw.lines(2);
+  t.same(after.slice(1), [{ ok: false, code: 'keyd_refused', message: 'this worker has already had its one decapsulation' }], 'its own decapsulation after the prepare: refused, and nothing else was pushed');
+  t.same(await ho.lines(0), [], 'another worker connected at the same time got nothing');
+  t.ok(audits.some((e) => e.type === 'keyd_refusal' && e.op === 'prepare' && e.reason === 'second_decapsulation' && e.workerId === w.id), 'the refused prepare is audited');
+  t.ok(audits.some((e) => e.type === 'keyd_decapsulated' && e.workerId === w.id), 'the prepared decapsulation is audited as the worker\'s');
+  // A worker that decapsulated itself first: the gateway's late prepare is refused, nothing is pushed.
+  const b = sealedFields();
+  ho.send(JSON.stringify(b.request));
+  t.equal((await ho.lines(1))[0]?.requestKey, b.expected);
+  const late = await gateway.prepare(other.id, fieldsOf(sealedFields())).catch((e: unknown) => e);
+  t.ok(isPhantomaError(late) && late.code === 'keyd_refused', 'prepare after the worker asked: keyd_refused');
+  t.equal((await ho.lines(1)).length, 1, 'no second key pushed');
+});
+
+t.test('a prepare for a worker without a connection counts nothing; only the gateway may prepare', async (t) => {
+  const gateway = createKeydClient({ socketPath });
+  const w = workerCgroup();
+  const none = await gateway.prepare(w.id, fieldsOf(sealedFields())).catch((e: unknown) => e);
+  t.ok(isPhantomaError(none) && none.code === 'keyd_worker_not_connected', `not connected: keyd_worker_not_connected (${String(none)})`);
+  const c = sealedFields();
+  const [own] = await runCaller({ uid: 61012, cgroup: w.path, requests: [c.request] });
+  t.equal(own?.requestKey, c.expected, 'the worker still has its one decapsulation');
+  const w2 = workerCgroup();
+  const [byWorker] = await runCaller({ uid: 61013, cgroup: w2.path, requests: [{ ...sealedFields().request, op: 'prepare', workerId: w2.id }] });
+  t.equal(byWorker?.code, 'keyd_refused', 'a worker cannot prepare');
+  const bad = await gateway.prepare('not-an-id', fieldsOf(sealedFields())).catch((e: unknown) => e);
+  t.ok(isPhantomaError(bad) && bad.code === 'invalid_request', 'a malformed worker id: invalid_request');
+});
