@@ -140,7 +140,7 @@ export function createEgressMonitor(o: EgressMonitorOptions): EgressMonitor {
 
   // Not on our cgroup (first start, a restarted gateway, a restarted warden that does not know us yet):
   // ask, then believe only the kernel's word in a fresh status.
-  const confineGateway = async (ownCgroupId: () => number): Promise<string[]> => {
+  const ensureConfined = async (ownCgroupId: () => number): Promise<string[]> => {
     try {
       const own = ownCgroupId();
       let reasons = checkGateway(status!, o.expected!, own);
@@ -176,7 +176,7 @@ export function createEgressMonitor(o: EgressMonitorOptions): EgressMonitor {
       return false;
     }
     if (o.confineGateway) {
-      const confined = await confineGateway(o.confineGateway.ownCgroupId);
+      const confined = await ensureConfined(o.confineGateway.ownCgroupId);
       if (confined.length) {
         set(false, `gateway_unconfined: ${confined.join('; ')}`);
         return false;

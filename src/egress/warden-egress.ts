@@ -130,6 +130,11 @@ function kv(text: string): Map<string, string> {
   return out;
 }
 
+/** A comma-separated list where "-" (or nothing) means none. */
+function listOf(v: string | undefined): string[] {
+  return v === undefined || v === '-' ? [] : v.split(',');
+}
+
 function parseLine(line: string): string {
   if (line.startsWith('OK')) return line.slice(3);
   const m = /^ERR ([a-z_]+) ?(.*)$/.exec(line);
@@ -162,10 +167,6 @@ export function parseStatus(body: string): EgressStatus {
     }
     return programs;
   };
-  const list = (k: string): string[] => {
-    const v = m.get(k) ?? '-';
-    return v === '-' ? [] : v.split(',');
-  };
   const sets = {} as Record<(typeof SETS)[number], EgressSetStatus>;
   for (const s of SETS) {
     sets[s] = { cgroupId: num(`${s}.cgroup`), programs: programsOf(s, HOOKS), denied: num(`${s}.denied`), allowed: num(`${s}.allowed`), lost: num(`${s}.lost`) };
@@ -173,14 +174,14 @@ export function parseStatus(body: string): EgressStatus {
   const gateway: GatewaySetStatus | undefined =
     m.get('gateway') === 'off'
       ? undefined
-      : { cgroupId: num('gateway.cgroup'), programs: programsOf('gateway', SOCK_HOOKS), allow: list('gateway.allow'), denied: num('gateway.denied'), allowed: num('gateway.allowed'), lost: num('gateway.lost') };
+      : { cgroupId: num('gateway.cgroup'), programs: programsOf('gateway', SOCK_HOOKS), allow: listOf(m.get('gateway.allow')), denied: num('gateway.denied'), allowed: num('gateway.allowed'), lost: num('gateway.lost') };
   return {
     mode: 'enforce',
     pins: m.get('pins') ?? '',
     sets,
     ...(gateway ? { gateway } : {}),
     workersAllowCount: num('workers.allow'),
-    downloadAllow: list('download.allow'),
+    downloadAllow: listOf(m.get('download.allow')),
     eventsSent: num('events.sent'),
     eventsDropped: num('events.dropped'),
     watch: m.get('watch') === 'on',
@@ -289,8 +290,7 @@ export function createEgressClient(opts: { socketPath: string; timeoutMs?: numbe
     },
     async confine() {
       const m = kv(await once(['CONFINE']));
-      const allow = m.get('allow') ?? '-';
-      return { cgroupId: Number(m.get('cgroup')), path: m.get('path') ?? '', allow: allow === '-' ? [] : allow.split(','), already: m.get('already') === '1' };
+      return { cgroupId: Number(m.get('cgroup')), path: m.get('path') ?? '', allow: listOf(m.get('allow')), already: m.get('already') === '1' };
     },
     async events(onEvent, onWatch) {
       const { line, socket } = await request(opts.socketPath, ['EVENTS'], timeoutMs);

@@ -24,6 +24,7 @@ import { wardenProcessOptions } from '../../src/main.ts';
 import { startWardenProcess } from '../../src/ephemeral/warden-process.ts';
 import { createLogger } from '../../src/logger.ts';
 import { tailAuditLog } from '../../src/audit/audit-log.ts';
+import { cgroup2MountOf, cgroup2PathOf } from '../../src/egress/own-cgroup.ts';
 
 t.equal(process.getuid?.(), 0, 'runs as root');
 const dir = tempDir('phantoma-confine-');
@@ -32,8 +33,8 @@ const NAME = `pt-confine-${randomBytes(3).toString('hex')}`;
 const tags = expectedTags();
 
 // The cgroup2 mount and this test's own cgroup; the "gateway" cgroup is a sibling of ours.
-const mount = readFileSync('/proc/self/mountinfo', 'utf8').split('\n').map((l) => l.split(' ')).find((f) => f[f.indexOf('-') + 1] === 'cgroup2')![4]!;
-const ownRel = readFileSync('/proc/self/cgroup', 'utf8').split('\n').find((l) => l.startsWith('0::'))!.slice(3);
+const mount = cgroup2MountOf(readFileSync('/proc/self/mountinfo', 'utf8'))!;
+const ownRel = cgroup2PathOf(readFileSync('/proc/self/cgroup', 'utf8'))!;
 const G = join(mount, dirname(ownRel), `${NAME}-gateway`);
 
 const servers: Server[] = [];
