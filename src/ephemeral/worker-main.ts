@@ -78,6 +78,21 @@ async function main(): Promise<void> {
       heldKeyd = undefined;
     }
   }
+  // keyd closes a connection idle for KEYD_IDLE_MS, and a warm worker may wait in its pool far longer; the
+  // held connection is where the gateway's prepared key arrives, so a ping every half of that keeps it.
+  const keepAlive = heldKeyd
+    ? setInterval(() => {
+        const held = heldKeyd;
+        if (!held) return;
+        held.connection.call({ op: 'ping' }).then(
+          () => void (held.lastUsed = Date.now()),
+          () => {
+            if (heldKeyd === held) heldKeyd = undefined;
+            held.connection.close();
+          },
+        );
+      }, KEYD_IDLE_MS / 2)
+    : undefined;
   // An idle warm worker should hold only what serving needs: collect the garbage of loading and warm-up,
   // then hand glibc's freed arena pages back (≈10 MiB per worker on the bench model; the pool holds several).
   (globalThis as { gc?: () => void }).gc?.();
@@ -88,6 +103,7 @@ async function main(): Promise<void> {
   const jobArrived = Promise.withResolvers<JobMessage>();
   const decode = createLineDecoder<ToWorker>((m) => {
     if (m.type === 'job' && !job) {
+      clearInterval(keepAlive);
       job = m;
       jobArrived.resolve(m);
     } else if (m.type === 'cancel') {

@@ -18,6 +18,7 @@ import { parseEnvelope, SIGNATURE_BYTES, SIGNATURE_CONTEXT } from '../../src/sea
 import { SEALED_CONTENT_TYPE, SEALED_PATH } from '../../src/gateway/sealed-route.ts';
 import { createLogger } from '../../src/logger.ts';
 import type { KeyDocument } from '../../src/vault/signing.ts';
+import { KEYD_IDLE_MS } from '../../src/vault/keyd.ts';
 
 const tmp = mkdtempSync(join(tmpdir(), 'phantoma-sealed-'));
 t.teardown(() => rmSync(tmp, { recursive: true, force: true }));
@@ -66,6 +67,20 @@ t.test('a streamed sealed chat: text arrives in order, the receipt verifies and 
     if (decaps.length === 0) await new Promise((r) => setTimeout(r, 100));
   }
   t.ok(decaps.length >= 1 && decaps.every((e) => e.op === 'prepare'), `every decapsulation was prepared by the gateway (${decaps.map((e) => e.op).join(',')})`);
+});
+
+t.test("a worker warm for longer than keyd's idle limit still gets its key prepared (its connection is kept alive)", async (t) => {
+  await n.waitReady(60_000);
+  await new Promise((r) => setTimeout(r, KEYD_IDLE_MS + 1500));
+  const before = auditEntries().filter((e) => e.type === 'keyd_decapsulated').length;
+  const a = await client.send('tiny', chat, { stream: true });
+  t.equal(a.receipt.outcome, 'ok');
+  let decaps: any[] = [];
+  for (let i = 0; i < 50 && decaps.length === 0; i++) {
+    decaps = auditEntries().filter((e) => e.type === 'keyd_decapsulated').slice(before);
+    if (decaps.length === 0) await new Promise((r) => setTimeout(r, 100));
+  }
+  t.same(decaps.map((e) => e.op), ['prepare'], 'prepared, not asked for by the worker over a new connection');
 });
 
 t.test('a non-streamed sealed chat gives the same text for the same seed', async (t) => {
