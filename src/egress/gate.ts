@@ -61,6 +61,10 @@ export function gateBackend(inner: WorkerBackend, monitor: EgressMonitor): Worke
         get pid() {
           return real?.pid;
         },
+        // keyd's name for the worker (for the gateway's prepare) once the real one exists.
+        get keydId() {
+          return real?.keydId;
+        },
         stdin,
         stdout,
         stderr,

@@ -75,6 +75,7 @@ function countingBackend(): WorkerBackend & { spawned: number; handles: WorkerHa
       const h: WorkerHandle = {
         id: `fake${b.spawned}`,
         pid: undefined,
+        keydId: `keyd-name-${b.spawned}`,
         stdin: new PassThrough(),
         stdout: new PassThrough(),
         stderr: new PassThrough(),
@@ -219,6 +220,7 @@ t.test('SIGKILLed warden: programs stay attached, nothing reaches meanwhile, the
   const back = await waitChange(m, true, CHECK_MS + 5000);
   t.ok(back !== undefined, 're-verified once the warden is back');
   t.equal(inner.spawned, 1, 'the deferred worker starts only then');
+  t.equal(deferred.keydId, 'keyd-name-1', "and shows keyd's name for it (the gateway's prepare needs it)");
   await deferred.kill();
   const kinds = kernelAttached(w.workersDir).map((p) => p.attach_type);
   t.equal(kinds.length, 5, 'after the restart exactly one program per hook (old links detached after the new ones were in)');
