@@ -77,6 +77,7 @@ static bool gateway_on;
 static char cg2_root[PATH_MAX];                /* the cgroup2 mount the warden's subtree lives in */
 static char own_rel[PATH_MAX];                 /* the warden's own cgroup, relative to that mount */
 static char workers_rel[PATH_MAX];             /* workers/ relative to it, as /proc/<pid>/cgroup says */
+static char subtree_rel[PATH_MAX];             /* <NAME>/, the parent of workers/ and download/, likewise */
 static struct ring_buffer *rb;
 static int subscribers[MAX_SUBSCRIBERS];
 static unsigned long long events_sent, events_dropped;
@@ -332,6 +333,9 @@ static int find_cg2_root(void) {
     if (statfs(mp, &top) == 0 && top.f_type == CGROUP2_SUPER_MAGIC) {
       snprintf(cg2_root, sizeof cg2_root, "%s", mp);
       snprintf(workers_rel, sizeof workers_rel, "%s", workers_dir + i);
+      snprintf(subtree_rel, sizeof subtree_rel, "%s", workers_rel);
+      char *slash = strrchr(subtree_rel, '/');
+      if (slash && slash != subtree_rel) *slash = 0;
       return 0;
     }
     mp[i] = '/';
@@ -675,13 +679,14 @@ const char *egress_gateway_option(const char *spec) {
   if (!strcmp(spec, "none")) return NULL;
   char b[128], *f[3];
   if (snprintf(b, sizeof b, "%s", spec) >= (int)sizeof b) return "--gateway-egress: too long";
+  static const char *shape = "--gateway-egress: want tcp|udp,ADDRESS/BITS,PORT or none";
   char *save = NULL;
   int n = 0;
   for (char *t = strtok_r(b, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-    if (n == 3) return "--gateway-egress: want tcp|udp,ADDRESS/BITS,PORT or none";
+    if (n == 3) return shape;
     f[n++] = t;
   }
-  if (n != 3) return "--gateway-egress: want tcp|udp,ADDRESS/BITS,PORT or none";
+  if (n != 3) return shape;
   if (n_gateway_allow == EGRESS_ALLOW_MAX) return "--gateway-egress: at most 32 entries";
   const char *why = parse_entry(f[0], f[1], f[2], &gateway_allow[n_gateway_allow]);
   if (why) return why;
@@ -704,12 +709,7 @@ static void do_confine(int cfd, uid_t peer, pid_t pid) {
   if (pid <= 0 || cgroup_of((unsigned)pid, rel, sizeof rel)) return refuse_(cfd, peer, "peer_gone", "cannot read the caller's cgroup");
   /* The pid was the caller's when it connected; make sure it still is (not a reused pid). */
   if (real_uid_of((unsigned)pid) != (long)peer) return refuse_(cfd, peer, "peer_gone", "the caller's pid changed hands");
-  /* <NAME>/, the parent of workers/ and download/ */
-  char subtree[PATH_MAX];
-  snprintf(subtree, sizeof subtree, "%s", workers_rel);
-  char *slash = strrchr(subtree, '/');
-  if (slash && slash != subtree) *slash = 0;
-  if (!strcmp(rel, "/") || under(own_rel, rel) || under(rel, subtree))
+  if (!strcmp(rel, "/") || under(own_rel, rel) || under(rel, subtree_rel))
     return refuse_(cfd, peer, "cgroup_refused", "the caller's cgroup is the root, the warden's own or an ancestor, or in the warden's subtree");
   struct eset *s = &sets[S_GATEWAY];
   char path[PATH_MAX];

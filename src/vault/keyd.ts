@@ -129,7 +129,7 @@ export function createKeyService(deps: {
   function decap(caller: Caller, r: Record<string, unknown>): Record<string, unknown> {
     const workerId = workerIdOf(caller, deps.policy);
     if (!workerId) return refuse(caller, 'decapsulate', ERRORS.KEYD_REFUSED, 'not_worker', 'only a worker the warden started may decapsulate');
-    return issue(caller, 'decapsulate', workerId, caller.cgroup!, r);
+    return spent(caller, 'decapsulate', workerId, caller.cgroup!) ?? issue(caller, 'decapsulate', workerId, caller.cgroup!, r);
   }
 
   /** The gateway's prepare: the worker's one decapsulation, its result pushed to that worker's connection. */
@@ -157,11 +157,9 @@ export function createKeyService(deps: {
     return undefined;
   }
 
-  /** A worker cgroup's one decapsulation, whoever asked for it (the worker itself, or the gateway's prepare). */
+  /** A worker cgroup's one decapsulation, whoever asked for it (the worker itself, or the gateway's prepare); not yet spent. */
   function issue(caller: Caller, op: string, workerId: string, cg: string, r: Record<string, unknown>): Record<string, unknown> {
-    const refused = spent(caller, op, workerId, cg);
-    if (refused) return refused;
-    // Counted before anything else can fail: a worker gets one attempt, successful or not.
+    // Callers have checked spent() first (prepare must know before it pushes anything). Counted before anything else can fail: a worker gets one attempt, successful or not.
     used.add(cg);
     const eph = b64(r.ephemeralPublicKey, X25519_PUBLIC_BYTES);
     const ct = b64(r.kemCiphertext, MLKEM768_CIPHERTEXT_BYTES);
