@@ -73,7 +73,7 @@ export const chatCommand: Command = {
     const write = (s: string): void => void process.stdout.write(s);
     const printReceipt = values.receipt === true ? (r: unknown): void => ctx.err(`\nverified receipt: ${JSON.stringify(r)}`) : undefined;
     const client = sealed
-      ? createSealedClient({ url: values.node as string, identityPin: values.pin as string, clientName: values['client-name'] as string, clientKey: loadClientKey(values['client-key'] as string) })
+      ? createSealedClient({ url: values.node as string, identityPin: values.pin as string, clientName: values['client-name'] as string, clientKey: loadClientKey(values['client-key'] as string), prepareAhead: false })
       : undefined;
     const endpoint: NodeEndpoint = { url: (values.url as string | undefined) ?? '', ...(typeof values.pin === 'string' ? { pin: values.pin } : {}), ...(apiKey ? { apiKey } : {}) };
     const ask = (messages: Message[]): Promise<string> => (client ? sealedChat(client, model, messages, maxTokens, write, printReceipt) : streamChat(endpoint, model, messages, maxTokens, write));

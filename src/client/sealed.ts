@@ -8,6 +8,7 @@ import { ERRORS, PhantomaError, definitionOf } from '../errors.ts';
 import { verifyKeyDocument, type KeyDocument } from '../vault/signing.ts';
 import { ed25519PublicKeyObject } from '../vault/contents.ts';
 import { sealRequest } from '../sealed/request.ts';
+import { createKemSpare } from './kem-spare.ts';
 import { createChunkOpener } from '../sealed/seal.ts';
 import { decodeEvent, type SealedEvent } from '../sealed/inner.ts';
 import type { TokenLogprob } from '../ephemeral/worker-protocol.ts';
@@ -23,6 +24,11 @@ export interface SealedClientOptions {
   clientName: string;
   clientKey: KeyObject;
   clock?: () => number;
+  /**
+   * Make the next request's key agreement while idle (after loading the key document, after each answer),
+   * so a request does not wait for it (src/client/kem-spare.ts). Default on; a one-shot caller turns it off.
+   */
+  prepareAhead?: boolean;
 }
 
 export interface SealedAnswer {
@@ -54,6 +60,18 @@ export function createSealedClient(opts: SealedClientOptions): SealedClient {
   const clock = opts.clock ?? Date.now;
   const pin = opts.identityPin.toLowerCase();
   let cached: { doc: KeyDocument; endpoint: NodeEndpoint; identity: KeyObject } | undefined;
+  const spare = createKemSpare();
+  const prepareAhead = opts.prepareAhead ?? true;
+  const prepareSoon = (): void => {
+    if (!prepareAhead) return;
+    setImmediate(() => {
+      try {
+        if (cached) spare.prepare(currentKey(cached.doc));
+      } catch {
+        // No request key valid now: the next send reports it.
+      }
+    }).unref();
+  };
 
   async function load(): Promise<NonNullable<typeof cached>> {
     const u = new URL(opts.url);
@@ -69,6 +87,7 @@ export function createSealedClient(opts: SealedClientOptions): SealedClient {
       throw new PhantomaError(ERRORS.TLS_PIN_MISMATCH, `the node's certificate ${seen} is not the one its key document names (${doc.tlsCertificateSha256}); nothing was sent`);
     }
     cached = { doc, endpoint, identity: ed25519PublicKeyObject(Buffer.from(doc.identityPublicKey, 'base64')) };
+    prepareSoon();
     return cached;
   }
 
@@ -84,7 +103,15 @@ export function createSealedClient(opts: SealedClientOptions): SealedClient {
   async function once(model: string, body: Record<string, unknown>, o: { stream?: boolean; onText?: (t: string) => void; signal?: AbortSignal }): Promise<SealedAnswer> {
     const c = cached ?? (await load());
     const stream = o.stream ?? false;
-    const sealed = sealRequest({ node: currentKey(c.doc), clientName: opts.clientName, clientKey: opts.clientKey, model, stream, body, nowMs: clock() });
+    const node = currentKey(c.doc);
+    const kem = spare.take(node);
+    let sealed: ReturnType<typeof sealRequest>;
+    try {
+      sealed = sealRequest({ node, clientName: opts.clientName, clientKey: opts.clientKey, model, stream, body, nowMs: clock(), kem });
+    } finally {
+      kem.x25519Secret.fill(0);
+      kem.mlkemSecret.fill(0);
+    }
     const res = await request(c.endpoint, 'POST', SEALED_PATH, { bytes: sealed.envelope, contentType: SEALED_CONTENT_TYPE }, o.signal);
     const opener = createChunkOpener(sealed.keys.responseKey);
     const answer: { text: string[]; end?: SealedEvent; receipt?: Receipt; clearError?: PhantomaError } = { text: [] };
@@ -152,9 +179,11 @@ export function createSealedClient(opts: SealedClientOptions): SealedClient {
         // A rotated key: fetch the document again and retry once with the new key.
         if (err instanceof PhantomaError && err.code === ERRORS.SEALED_UNKNOWN_KEY.code && cached) {
           cached = undefined;
-          return once(model, body, o);
+          return await once(model, body, o);
         }
         throw err;
+      } finally {
+        prepareSoon();
       }
     },
   };

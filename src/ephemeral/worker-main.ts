@@ -6,14 +6,12 @@ import { createLogger } from '../logger.ts';
 import { createLlamaRuntime, loadModelFile, createContext, prepareChatWrapper, generateChat, generateCompletion, generateEmbeddings, generateWithLogprobs, type GenerateOptions, type GenerateResult, type TokenLogprob } from '../models/llama.ts';
 import { ERRORS, PhantomaError, isPhantomaError } from '../errors.ts';
 import { setDumpable, mallocTrim } from '../native/addon.ts';
-import { parseEnvelope, type Envelope } from '../sealed/envelope.ts';
-import { deriveSessionKeys, openBody, createChunkSealer } from '../sealed/seal.ts';
-import { jobFromSealedBody, encodeEvent, type SealedEvent } from '../sealed/inner.ts';
-import { createKeydClient, openKeydConnection, type KeydConnection } from '../vault/keyd-client.ts';
+import type { Envelope } from '../sealed/envelope.ts';
+import { createKeydClient, openKeydConnection, sessionKeysOf, type KeydConnection } from '../vault/keyd-client.ts';
+import type { SessionKeys } from '../sealed/seal.ts';
 import { KEYD_IDLE_MS } from '../vault/keyd.ts';
-import { warmSealedPath } from '../sealed/warm.ts';
+import { serveSealedJob, warmSealedJob } from './sealed-job.ts';
 import type { LlamaContext, ChatWrapper } from 'node-llama-cpp';
-import type { ToolCall } from './worker-protocol.ts';
 
 export interface WorkerSpec {
   modelName: string;
@@ -40,6 +38,8 @@ async function exit(code: number): Promise<never> {
   process.exit(code);
 }
 
+const maxEnvelopeBytesOf = (spec: WorkerSpec): number => spec.maxEnvelopeBytes ?? 8 * 1024 * 1024;
+
 /** keyd, connected while warm (sealed jobs only); the decapsulation goes over it. */
 let heldKeyd: { connection: KeydConnection; lastUsed: number } | undefined;
 
@@ -62,9 +62,10 @@ async function main(): Promise<void> {
     await generateCompletion(context, 'warm-up', { maxTokens: 1, seed: 0, temperature: 0 });
   }
 
-  // A worker that may get a sealed job warms that path too (src/sealed/warm.ts), on throwaway bytes.
+  // A worker that may get a sealed job warms that path too: the serving code itself, on throwaway jobs
+  // (src/ephemeral/sealed-job.ts) that reach neither keyd, the gateway nor the model.
   if (spec.keydSocket && spec.warmup !== false) {
-    warmSealedPath(spec.modelName, context.contextSize);
+    await warmSealedJob({ model: spec.modelName, contextSize: context.contextSize, maxEnvelopeBytes: maxEnvelopeBytesOf(spec) });
     // And the way to keyd: a connection held from now on (connecting and keyd's identification of this
     // worker by its cgroup happen before any request exists), warmed with a `ping`, which keyd answers
     // anyone and which is not this worker's one decapsulation. keyd not answering now is not this worker's
@@ -129,7 +130,17 @@ async function main(): Promise<void> {
   await send({ type: 'ready', pid: process.pid, model: spec.modelName, contextSize: context.contextSize, loadMs: Math.round(performance.now() - started) });
   const request = await jobArrived.promise;
   if (request.kind === 'sealed') {
-    await serveSealed(request, { spec, context, chatWrapper, signal: abort.signal });
+    const socketPath = spec.keydSocket;
+    if (!socketPath) throw new PhantomaError(ERRORS.KEYD_UNAVAILABLE, 'this worker has no keyd socket: sealed requests are not configured');
+    await serveSealedJob(request, {
+      maxEnvelopeBytes: maxEnvelopeBytesOf(spec),
+      contextSize: context.contextSize,
+      signal: abort.signal,
+      takeKeys: (env, prepared) => takeSessionKeys(env, prepared, socketPath),
+      send,
+      generate: (job, opts, onLogprobs) => runGeneration(context, chatWrapper, job, opts, onLogprobs),
+      embed: (inputs, onEmbedding) => embed(context, inputs, spec, onEmbedding),
+    });
     return exit(0);
   }
   const jobStart = performance.now();
@@ -192,102 +203,13 @@ async function embed(context: LlamaContext, inputs: readonly string[], spec: Wor
   return generateEmbeddings(model, inputs, { contextSize: spec.contextSize, threads: spec.threads, batchSize: spec.batchSize, onEmbedding });
 }
 
-/** Token entries per sealed logprobs event (each at most 21 short tokens with numbers). */
-const SEALED_LOGPROBS_PIECE = 4;
-
-/** Floats per sealed embedding event: base64 of 2048 float32 stays far below the largest chunk bucket. */
-const SEALED_EMBEDDING_PIECE = 2048;
-
-/** Text is sealed in pieces that stay far below the largest chunk bucket, even fully JSON-escaped. */
-const SEALED_TEXT_PIECE = 2048;
-
 /**
- * A sealed job: one decapsulation at keyd → open the body → run → seal every event. Once the response key
- * exists, every failure (a body that does not open or validate, a context overflow) goes back sealed; the
- * gateway learns only that the answer ended in an error.
- */
-async function serveSealed(request: Extract<JobMessage, { kind: 'sealed' }>, d: { spec: WorkerSpec; context: LlamaContext; chatWrapper: ChatWrapper; signal: AbortSignal }): Promise<void> {
-  const jobStart = performance.now();
-  const envelopeBytes = Buffer.from(request.envelope, 'base64');
-  const env = parseEnvelope(envelopeBytes, d.spec.maxEnvelopeBytes ?? 8 * 1024 * 1024);
-  if (!d.spec.keydSocket) throw new PhantomaError(ERRORS.KEYD_UNAVAILABLE, 'this worker has no keyd socket: sealed requests are not configured');
-  const requestKey = await takeRequestKey(env, request.prepared === true, d.spec.keydSocket);
-  const keys = deriveSessionKeys(requestKey);
-  requestKey.fill(0);
-  const sealer = createChunkSealer(keys.responseKey);
-  const sendSealed = (e: SealedEvent, final: boolean): Promise<void> => send({ type: 'sealed', data: sealer.seal(encodeEvent(e), final).toString('base64'), final });
-  let firstTokenMs: number | null = null;
-  try {
-    const json = openBody(keys.bodyKey, env.transcriptHash, env.ciphertext);
-    let job: JobMessage;
-    try {
-      job = jobFromSealedBody(json, env, request.requestId, d.context.contextSize).job;
-    } finally {
-      json.fill(0);
-    }
-    if (job.kind === 'sealed') throw new Error('unreachable');
-    if (job.kind === 'embeddings') {
-      const { promptTokens } = await embed(d.context, job.inputs, d.spec, async (index, v) => {
-        const bytes = Buffer.alloc(v.length * 4);
-        v.forEach((x, i) => bytes.writeFloatLE(x, i * 4));
-        for (let at = 0; at < v.length; at += SEALED_EMBEDDING_PIECE) {
-          const piece = bytes.subarray(at * 4, Math.min(v.length, at + SEALED_EMBEDDING_PIECE) * 4).toString('base64');
-          await sendSealed({ t: 'embedding', index, offset: at, length: v.length, b64: piece }, false);
-        }
-      });
-      await sendSealed({ t: 'done', finish_reason: 'stop', usage: { prompt_tokens: promptTokens, completion_tokens: 0, total_tokens: promptTokens } }, true);
-      await send({ type: 'done', finishReason: 'stop', usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs: null, generateMs: performance.now() - jobStart, sealedOutcome: 'ok' });
-      return;
-    }
-    let pending = '';
-    const flush = async (): Promise<void> => {
-      while (pending.length > 0) {
-        const piece = pending.slice(0, SEALED_TEXT_PIECE);
-        pending = pending.slice(SEALED_TEXT_PIECE);
-        await sendSealed({ t: 'text', text: piece }, false);
-      }
-    };
-    const opts: GenerateOptions = {
-      ...job.params,
-      signal: d.signal,
-      onText: (text) => {
-        firstTokenMs ??= performance.now() - jobStart;
-        pending += text;
-        // Streamed: each piece of text goes at once. Not streamed: gathered into few large chunks.
-        if (env.stream || pending.length >= SEALED_TEXT_PIECE) void flush();
-      },
-    };
-    let logprobsSent = Promise.resolve();
-    const result = await runGeneration(d.context, d.chatWrapper, job, opts, (text, entries) => {
-      opts.onText?.(text);
-      // Entries follow their text, in groups that stay far below the largest chunk bucket.
-      logprobsSent = logprobsSent.then(async () => {
-        await flush();
-        for (let at = 0; at < entries.length; at += SEALED_LOGPROBS_PIECE) await sendSealed({ t: 'logprobs', entries: entries.slice(at, at + SEALED_LOGPROBS_PIECE) }, false);
-      });
-    });
-    await flush();
-    await logprobsSent;
-    for (const [index, call] of (result.toolCalls ?? []).entries()) await sealToolCall(index, call, sendSealed);
-    const usage = { prompt_tokens: result.promptTokens, completion_tokens: result.completionTokens, total_tokens: result.promptTokens + result.completionTokens };
-    await sendSealed({ t: 'done', finish_reason: result.finishReason === 'length' ? 'length' : result.finishReason === 'tool_calls' ? 'tool_calls' : 'stop', usage }, true);
-    await send({ type: 'done', finishReason: result.finishReason, usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs, generateMs: performance.now() - jobStart, sealedOutcome: 'ok' });
-  } catch (err) {
-    const code = isPhantomaError(err) ? err.code : ERRORS.WORKER_FAILED.code;
-    const status = isPhantomaError(err) ? err.status : ERRORS.WORKER_FAILED.status;
-    const message = isPhantomaError(err) ? err.message : 'the worker failed';
-    await sendSealed({ t: 'error', code, status, message }, true);
-    await send({ type: 'done', finishReason: 'stop', usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs, generateMs: performance.now() - jobStart, sealedOutcome: 'error' });
-  }
-}
-
-/**
- * This worker's per-request key. Prepared by the gateway: keyd pushes it onto the connection held since
- * warm-up (usually it is there before the envelope is parsed, so no round trip waits). Not prepared, or that
+ * This worker's keys for its request (the two one-way keys keyd derives from the per-request key). Prepared
+ * by the gateway: keyd pushes them onto the connection held since warm-up (usually it is there before the envelope is parsed, so no round trip waits). Not prepared, or that
  * connection closed before keyd pushed anything (keyd closed it as idle, and then refused the prepare
  * without counting it): the worker asks keyd itself, as its one decapsulation.
  */
-async function takeRequestKey(env: Envelope, prepared: boolean, socketPath: string): Promise<Buffer> {
+async function takeSessionKeys(env: Envelope, prepared: boolean, socketPath: string): Promise<SessionKeys> {
   const held = heldKeyd;
   heldKeyd = undefined;
   try {
@@ -296,7 +218,7 @@ async function takeRequestKey(env: Envelope, prepared: boolean, socketPath: stri
         const pushed = await held.connection.pushed();
         // The key is for the envelope the gateway named; a different one would not open this body anyway.
         if (pushed.transcriptHash !== Buffer.from(env.transcriptHash).toString('base64')) throw new PhantomaError(ERRORS.KEYD_REFUSED, 'keyd pushed a key for another request');
-        return Buffer.from(String(pushed.requestKey), 'base64');
+        return sessionKeysOf(pushed);
       } catch (err) {
         // A pushed refusal is this worker's answer; only a connection that ended without one falls through.
         if (!isPhantomaError(err) || err.code !== ERRORS.KEYD_UNAVAILABLE.code) throw err;
@@ -306,20 +228,9 @@ async function takeRequestKey(env: Envelope, prepared: boolean, socketPath: stri
     const usable = held && held.connection.alive() && Date.now() - held.lastUsed < KEYD_IDLE_MS - 1000 ? held.connection : undefined;
     return await createKeydClient({ socketPath, ...(usable ? { connection: usable } : {}) }).decapsulate(env);
   } finally {
-    held?.connection.close();
+    // Closed once the job is under way: closing a socket is cold code too, and the key is what waits.
+    if (held) setImmediate(() => held.connection.close());
   }
-}
-
-/** A tool call as sealed events: the first names it, the arguments follow in pieces (as OpenAI's deltas). */
-async function sealToolCall(index: number, call: ToolCall, sendSealed: (e: SealedEvent, final: boolean) => Promise<void>): Promise<void> {
-  let rest = call.arguments;
-  let first = true;
-  do {
-    const piece = rest.slice(0, SEALED_TEXT_PIECE);
-    rest = rest.slice(SEALED_TEXT_PIECE);
-    await sendSealed(first ? { t: 'tool_call', index, id: call.id, name: call.name, arguments: piece } : { t: 'tool_call', index, arguments: piece }, false);
-    first = false;
-  } while (rest.length > 0);
 }
 
 main().catch(async (err: unknown) => {

@@ -54,8 +54,6 @@ export interface Envelope extends EnvelopeFields {
   signature: Uint8Array;
   /** SHA-256(TRANSCRIPT_CONTEXT ‖ magic … KEM ciphertext): binds the request key to every clear field. */
   transcriptHash: Uint8Array;
-  /** SHA-256 of the whole envelope: what the receipt names. */
-  hash: Uint8Array;
 }
 
 function malformed(why: string): PhantomaError {
@@ -161,7 +159,6 @@ export function parseEnvelope(bytes: Uint8Array, maxBytes: number): Envelope {
     signed,
     signature,
     transcriptHash: transcriptHashOf(b.subarray(0, headerEnd)),
-    hash: createHash('sha256').update(b).digest(),
   };
 }
 

@@ -22,6 +22,10 @@ export interface SealRequestInput {
   nowMs: number;
   /** Fixed values for test vectors only; fresh randomness otherwise. */
   nonce?: Uint8Array;
+  /**
+   * The key agreement, made ahead of time for this node key (src/client/kem-spare.ts) or fixed for a test
+   * vector; made now when absent. Each set of secrets seals one request only.
+   */
   kem?: KemSecrets;
 }
 

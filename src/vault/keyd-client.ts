@@ -6,6 +6,7 @@ import { connect, type Socket } from 'node:net';
 import { ERRORS, PhantomaError, definitionOf } from '../errors.ts';
 import { KEYD_MAX_LINE } from './keyd.ts';
 import type { KeyDocument } from './signing.ts';
+import type { SessionKeys } from '../sealed/seal.ts';
 
 export interface DecapsulateRequest {
   keyId: string;
@@ -28,7 +29,8 @@ export interface KeydClient {
   /** The public registry the gateway checks sealed envelopes against (clients, request key windows). */
   registry(): Promise<KeydRegistry>;
   /** A worker's one call: the per-request key (32 bytes). */
-  decapsulate(r: DecapsulateRequest): Promise<Buffer>;
+  /** This worker's one decapsulation: the envelope's two one-way keys (the per-request key stays in keyd). */
+  decapsulate(r: DecapsulateRequest): Promise<SessionKeys>;
   /**
    * The gateway, handing a sealed job to worker `workerId`: keyd does that worker's one decapsulation now
    * and pushes the key onto the worker's own connection (the gateway gets only ok or keyd's code). Over a
@@ -235,8 +237,7 @@ export function createKeydClient(opts: { socketPath: string; timeoutMs?: number;
     },
     sign: async (purpose, payload) => Buffer.from(String((await call({ op: 'sign', purpose, payload: b64(payload) })).signature), 'base64'),
     decapsulate: async (r) => {
-      const rep = await call({ op: 'decapsulate', ...kemFields(r) });
-      return Buffer.from(String(rep.requestKey), 'base64');
+      return sessionKeysOf(await call({ op: 'decapsulate', ...kemFields(r) }));
     },
     prepare: async (workerId, r) => {
       const request = { op: 'prepare', workerId, ...kemFields(r) };
@@ -244,4 +245,14 @@ export function createKeydClient(opts: { socketPath: string; timeoutMs?: number;
       await (openHeld?.alive() ? openHeld : await heldConnection()).call(request);
     },
   };
+}
+
+/** The two one-way keys of a decapsulation reply or push (`bodyKey`, `responseKey`, base64 of 32 bytes). */
+export function sessionKeysOf(reply: Record<string, unknown>): SessionKeys {
+  const key = (v: unknown): Buffer => {
+    const b = typeof v === 'string' ? Buffer.from(v, 'base64') : Buffer.alloc(0);
+    if (b.length !== 32) throw new PhantomaError(ERRORS.KEYD_UNAVAILABLE, 'keyd: a reply without its two 32-byte keys');
+    return b;
+  };
+  return { bodyKey: key(reply.bodyKey), responseKey: key(reply.responseKey) };
 }

@@ -21,6 +21,7 @@ import { peerPidfd, socketFd, peerCredentials } from '../native/addon.ts';
 import { ERRORS, PhantomaError } from '../errors.ts';
 import { MLKEM768_CIPHERTEXT_BYTES, TRANSCRIPT_HASH_BYTES, X25519_PUBLIC_BYTES, prepareRequestPrivateKeys, type PreparedRequestPrivateKeys } from '../sealed/kem.ts';
 import { requestKeyFor } from '../sealed/request.ts';
+import { deriveSessionKeys } from '../sealed/seal.ts';
 import { identityPrivateKey, isKeyUsable, pruneExpiredKeys, requestPrivateKeys, type RequestKeyEntry, type VaultContents } from './contents.ts';
 import { readVault, updateVault } from './store.ts';
 import type { SealKeys } from './format.ts';
@@ -144,9 +145,14 @@ export function createKeyService(deps: {
     // that worker's one decapsulation has been answered already.
     const refused = spent(caller, 'prepare', workerId, conn.cgroup);
     if (refused) return refused;
-    const result = issue(caller, 'prepare', workerId, conn.cgroup, r);
-    // The key (or why this attempt, now counted, failed) goes to the worker; the gateway learns the outcome only.
-    conn.channel.push({ push: PUSH_REQUEST_KEY, transcriptHash: r.transcriptHash, ...result });
+    // The keys (or why this attempt, now counted, failed) go to the worker; the gateway learns the outcome only.
+    let pushed = false;
+    const push = (result: Record<string, unknown>): void => {
+      pushed = true;
+      conn.channel.push({ push: PUSH_REQUEST_KEY, transcriptHash: r.transcriptHash, ...result });
+    };
+    const result = issue(caller, 'prepare', workerId, conn.cgroup, r, push);
+    if (!pushed) push(result);
     return result.ok === true ? { ok: true } : { ok: false, code: result.code, message: result.message };
   }
 
@@ -158,7 +164,7 @@ export function createKeyService(deps: {
   }
 
   /** A worker cgroup's one decapsulation, whoever asked for it (the worker itself, or the gateway's prepare); not yet spent. */
-  function issue(caller: Caller, op: string, workerId: string, cg: string, r: Record<string, unknown>): Record<string, unknown> {
+  function issue(caller: Caller, op: string, workerId: string, cg: string, r: Record<string, unknown>, deliver?: (reply: Record<string, unknown>) => void): Record<string, unknown> {
     // Callers have checked spent() first (prepare must know before it pushes anything). Counted before anything else can fail: a worker gets one attempt, successful or not.
     used.add(cg);
     const eph = b64(r.ephemeralPublicKey, X25519_PUBLIC_BYTES);
@@ -176,10 +182,17 @@ export function createKeyService(deps: {
     } catch {
       return { ok: false, code: ERRORS.INVALID_REQUEST.code, message: 'the KEM fields do not decapsulate' };
     }
-    audit({ type: 'keyd_decapsulated', workerId, keyId: key.id, op });
-    const out = Buffer.from(requestKey).toString('base64');
+    // The worker gets the two one-way keys, not the per-request key itself: derived here, right after the
+    // decapsulation while this code is hot, instead of as the first thing a cold worker does with its key.
+    const keys = deriveSessionKeys(requestKey);
     requestKey.fill(0);
-    return { ok: true, requestKey: out };
+    const reply = { ok: true, bodyKey: keys.bodyKey.toString('base64'), responseKey: keys.responseKey.toString('base64') };
+    keys.bodyKey.fill(0);
+    keys.responseKey.fill(0);
+    // A prepared worker waits for these keys; the audit line (relayed to the gateway's log either way) follows.
+    deliver?.(reply);
+    audit({ type: 'keyd_decapsulated', workerId, keyId: key.id, op });
+    return reply;
   }
 
   function keyDocument(r: Record<string, unknown>): Record<string, unknown> {

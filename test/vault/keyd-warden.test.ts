@@ -15,6 +15,7 @@ import { createVault } from '../../src/vault/store.ts';
 import { startKeydProcess } from '../../src/vault/keyd-process.ts';
 import type { KeydAuditEvent } from '../../src/vault/keyd.ts';
 import { combineKem, encapsulate } from '../../src/sealed/kem.ts';
+import { sessionKeysB64, keysOf } from './session-keys.ts';
 
 const WARDEN = join(ROOT, 'native', 'warden', 'build', 'phantoma-warden');
 const NODE = process.execPath;
@@ -123,7 +124,7 @@ t.test('a warden-spawned worker reaches keyd at its fixed path and decapsulates 
   t.ok(end.verified, 'the worker ended, verified');
   const r = JSON.parse(out.trim().split('\n').pop()!) as { first: Record<string, unknown>; second: Record<string, unknown>; viaHost: boolean };
   t.equal(r.first.ok, true, `first decapsulation: ${JSON.stringify(r.first)}`);
-  t.equal(r.first.requestKey, b64(combineKem(kem, transcriptHash)), "the worker's key is the client's");
+  t.same({ bodyKey: r.first.bodyKey, responseKey: r.first.responseKey }, sessionKeysB64(combineKem(kem, transcriptHash)), "the worker's keys are the client's");
   t.equal(r.second.code, 'keyd_refused', 'the second, over a new connection, is refused');
   t.equal(r.viaHost, false, "keyd's host path is not visible to the worker; only the bind-mounted one");
   t.same(audits.map((e) => [e.type, (e as { workerId?: string }).workerId]), [['keyd_decapsulated', id], ['keyd_refusal', id]]);

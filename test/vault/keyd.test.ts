@@ -15,6 +15,7 @@ import { startKeydProcess } from '../../src/vault/keyd-process.ts';
 import { createKeydClient } from '../../src/vault/keyd-client.ts';
 import type { KeydAuditEvent } from '../../src/vault/keyd.ts';
 import { combineKem, encapsulate } from '../../src/sealed/kem.ts';
+import { sessionKeysB64, keysOf } from './session-keys.ts';
 import { encodeSignedKeyDocument, verifyKeyDocument, verifyPayload } from '../../src/vault/signing.ts';
 import { ed25519PublicKeyObject } from '../../src/vault/contents.ts';
 import { isPhantomaError } from '../../src/errors.ts';
@@ -79,10 +80,10 @@ t.teardown(async () => {
 });
 
 /** One sealed request's KEM fields, and the key the client derived for it. */
-function sealedFields(): { request: Record<string, string>; expected: string } {
+function sealedFields(): { request: Record<string, string>; expected: { bodyKey: string; responseKey: string } } {
   const kem = encapsulate(nodePub);
   const transcriptHash = randomBytes(32);
-  const expected = Buffer.from(combineKem(kem, transcriptHash)).toString('base64');
+  const expected = sessionKeysB64(combineKem(kem, transcriptHash));
   const b64 = (b: Uint8Array): string => Buffer.from(b).toString('base64');
   return { request: { op: 'decapsulate', keyId: key.id, ephemeralPublicKey: b64(kem.ephemeralPublicKey), kemCiphertext: b64(kem.kemCiphertext), transcriptHash: b64(transcriptHash) }, expected };
 }
@@ -127,7 +128,8 @@ t.test('a worker decapsulates once; a second try is refused, also over a new con
   const b = sealedFields();
   const [first, second] = await runCaller({ uid: 61001, cgroup: w.path, requests: [a.request, b.request] });
   t.equal(first?.ok, true, JSON.stringify(first));
-  t.equal(first?.requestKey, a.expected, 'keyd derived the same per-request key as the client');
+  t.same(keysOf(first), a.expected, "keyd derived the client's two one-way keys");
+  t.notOk('requestKey' in (first ?? {}), 'the per-request key itself stays in keyd');
   t.same(second, { ok: false, code: 'keyd_refused', message: 'this worker has already had its one decapsulation' });
   // A new process in the same worker cgroup (a child the worker forked) is the same worker.
   const [again] = await runCaller({ uid: 61001, cgroup: w.path, requests: [sealedFields().request] });
@@ -135,7 +137,7 @@ t.test('a worker decapsulates once; a second try is refused, also over a new con
   const w2 = workerCgroup();
   const c = sealedFields();
   const [other] = await runCaller({ uid: 61002, cgroup: w2.path, requests: [c.request] });
-  t.equal(other?.requestKey, c.expected, 'another worker cgroup has its own one decapsulation');
+  t.same(keysOf(other), c.expected, 'another worker cgroup has its own one decapsulation');
   t.same(
     audits.filter((e) => e.type === 'keyd_decapsulated').map((e) => (e as { workerId: string }).workerId),
     [w.id, w2.id],
@@ -149,7 +151,7 @@ t.test('a Docker-backend worker (<cgroupParent>/<64 hex container id>) also deca
   const c = workerCgroup(`../docker/${id}`);
   const a = sealedFields();
   const [first, second] = await runCaller({ uid: 61006, cgroup: c.path, requests: [a.request, sealedFields().request] });
-  t.equal(first?.requestKey, a.expected);
+  t.same(keysOf(first), a.expected);
   t.equal(second?.code, 'keyd_refused');
   const short = workerCgroup(`../docker/${id.slice(0, 63)}`);
   t.equal((await runCaller({ uid: 61007, cgroup: short.path, requests: [sealedFields().request] }))[0]?.code, 'keyd_refused', 'not a container id: refused');
@@ -270,7 +272,7 @@ t.test("the gateway's prepare pushes the key onto that worker's own connection, 
   const a = sealedFields();
   await gateway.prepare(w.id, fieldsOf(a));
   const [pushed] = await hw.lines(1);
-  t.same(pushed, { push: 'request-key', transcriptHash: a.request.transcriptHash, ok: true, requestKey: a.expected }, 'the worker got the key for that envelope, unasked');
+  t.same(pushed, { push: 'request-key', transcriptHash: a.request.transcriptHash, ok: true, ...a.expected }, 'the worker got the keys for that envelope, unasked');
   // The once-per-worker rule holds across prepare and decapsulate, whichever comes first.
   const again = await gateway.prepare(w.id, fieldsOf(sealedFields())).catch((e: unknown) => e);
   t.ok(isPhantomaError(again) && again.code === 'keyd_refused', `a second prepare for that worker: keyd_refused (${String(again)})`);
@@ -283,7 +285,7 @@ t.test("the gateway's prepare pushes the key onto that worker's own connection, 
   // A worker that decapsulated itself first: the gateway's late prepare is refused, nothing is pushed.
   const b = sealedFields();
   ho.send(JSON.stringify(b.request));
-  t.equal((await ho.lines(1))[0]?.requestKey, b.expected);
+  t.same(keysOf((await ho.lines(1))[0]), b.expected);
   const late = await gateway.prepare(other.id, fieldsOf(sealedFields())).catch((e: unknown) => e);
   t.ok(isPhantomaError(late) && late.code === 'keyd_refused', 'prepare after the worker asked: keyd_refused');
   t.equal((await ho.lines(1)).length, 1, 'no second key pushed');
@@ -296,7 +298,7 @@ t.test('a prepare for a worker without a connection counts nothing; only the gat
   t.ok(isPhantomaError(none) && none.code === 'keyd_worker_not_connected', `not connected: keyd_worker_not_connected (${String(none)})`);
   const c = sealedFields();
   const [own] = await runCaller({ uid: 61012, cgroup: w.path, requests: [c.request] });
-  t.equal(own?.requestKey, c.expected, 'the worker still has its one decapsulation');
+  t.same(keysOf(own), c.expected, 'the worker still has its one decapsulation');
   const w2 = workerCgroup();
   const [byWorker] = await runCaller({ uid: 61013, cgroup: w2.path, requests: [{ ...sealedFields().request, op: 'prepare', workerId: w2.id }] });
   t.equal(byWorker?.code, 'keyd_refused', 'a worker cannot prepare');

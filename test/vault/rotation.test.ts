@@ -11,6 +11,7 @@ import { makeVaultContents, rotateRequestKeys, type VaultContents } from '../../
 import { createVault, readVault, updateVault } from '../../src/vault/store.ts';
 import { createKeyService, pruneExpiredInVault, type Caller } from '../../src/vault/keyd.ts';
 import { combineKem, encapsulate } from '../../src/sealed/kem.ts';
+import { sessionKeysB64, keysOf } from './session-keys.ts';
 
 const tmp = mkdtempSync(join(tmpdir(), 'phantoma-rotation-'));
 t.teardown(() => rmSync(tmp, { recursive: true, force: true }));
@@ -19,12 +20,12 @@ const t0 = new Date('2026-01-01T00:00:00.000Z');
 const policy = { gatewayUid: 0, workerUids: { from: 61000, to: 61999 }, cgroupName: 'phantoma' };
 const worker = (): Caller => ({ pid: 4242, uid: 61010, cgroup: `/phantoma/workers/${randomBytes(8).toString('hex')}` });
 
-function sealTo(c: VaultContents, id: string): { request: Record<string, string>; expected: string } {
+function sealTo(c: VaultContents, id: string): { request: Record<string, string>; expected: { bodyKey: string; responseKey: string } } {
   const k = c.requestKeys.find((x) => x.id === id)!;
   const kem = encapsulate({ x25519: Buffer.from(k.x25519Public, 'base64'), mlkem: Buffer.from(k.mlkemPublic, 'base64') });
   const th = randomBytes(32);
   const b64 = (b: Uint8Array): string => Buffer.from(b).toString('base64');
-  return { request: { op: 'decapsulate', keyId: id, ephemeralPublicKey: b64(kem.ephemeralPublicKey), kemCiphertext: b64(kem.kemCiphertext), transcriptHash: b64(th) }, expected: b64(combineKem(kem, th)) };
+  return { request: { op: 'decapsulate', keyId: id, ephemeralPublicKey: b64(kem.ephemeralPublicKey), kemCiphertext: b64(kem.kemCiphertext), transcriptHash: b64(th) }, expected: sessionKeysB64(combineKem(kem, th)) };
 }
 
 t.test('a request sealed to the old key opens during the overlap and is refused after it', async (t) => {
@@ -47,9 +48,9 @@ t.test('a request sealed to the old key opens during the overlap and is refused 
   const audits: unknown[] = [];
   const service = createKeyService({ contents: () => readVault(path, pass).contents, policy, now: () => now, audit: (e) => audits.push(e) });
   const inOverlap = service.handle(worker(), sealedToOld[0]!.request);
-  t.same(inOverlap, { ok: true, requestKey: sealedToOld[0]!.expected }, 'old key opens 30 min into the 1 h overlap');
+  t.same(inOverlap, { ok: true, ...sealedToOld[0]!.expected }, 'old key opens 30 min into the 1 h overlap');
   const toNew = sealTo(after, newId);
-  t.same(service.handle(worker(), toNew.request), { ok: true, requestKey: toNew.expected }, 'the new key opens');
+  t.same(service.handle(worker(), toNew.request), { ok: true, ...toNew.expected }, 'the new key opens');
   const doc = service.handle({ pid: 1, uid: 0, cgroup: '/' }, { op: 'key-document', egressPolicyHash: 'e'.repeat(64) }) as { document: { requestKeys: Array<{ id: string }> } };
   t.same(doc.document.requestKeys.map((k) => k.id), [oldId, newId], 'during the overlap the key document lists both');
 
