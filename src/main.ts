@@ -311,6 +311,8 @@ export async function startNode(config: Readonly<Config>, deps: NodeDeps): Promi
   // The sealed API (issue 8): checks against keyd's public registry, receipts signed by keyd.
   const sealedApi = (client: NonNullable<typeof keyd>['client']) => {
     const registry = createSealedRegistry({ fetch: () => client.registry() });
+    // prepare's connection, opened before the first sealed request (which would otherwise open it).
+    client.holdPrepareConnection().catch((err: unknown) => log.warn({ err: (err as Error).message }, 'keyd: no connection for prepare yet; the first sealed request opens it'));
     return {
       maxEnvelopeBytes: config.sealed.maxEnvelopeBytes,
       windowMs: config.sealed.windowMs,

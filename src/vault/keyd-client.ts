@@ -4,7 +4,7 @@
 // every reply is checked for `ok`, and a refusal comes back as a PhantomaError with keyd's code.
 import { connect, type Socket } from 'node:net';
 import { ERRORS, PhantomaError, definitionOf } from '../errors.ts';
-import { KEYD_MAX_LINE } from './keyd.ts';
+import { KEYD_IDLE_MS, KEYD_MAX_LINE } from './keyd.ts';
 import type { KeyDocument } from './signing.ts';
 import type { SessionKeys } from '../sealed/seal.ts';
 
@@ -28,7 +28,6 @@ export interface KeydClient {
   sign(purpose: 'receipt' | 'heartbeat', payload: Uint8Array): Promise<Buffer>;
   /** The public registry the gateway checks sealed envelopes against (clients, request key windows). */
   registry(): Promise<KeydRegistry>;
-  /** A worker's one call: the per-request key (32 bytes). */
   /** This worker's one decapsulation: the envelope's two one-way keys (the per-request key stays in keyd). */
   decapsulate(r: DecapsulateRequest): Promise<SessionKeys>;
   /**
@@ -37,6 +36,10 @@ export interface KeydClient {
    * connection this client holds, so no connect or caller identification is on the request's path.
    */
   prepare(workerId: string, r: DecapsulateRequest): Promise<void>;
+  /** Opens prepare's connection now (the gateway at start), so the first sealed request does not. */
+  holdPrepareConnection(): Promise<void>;
+  /** Closes prepare's connection (and its pings); a later prepare opens a new one. */
+  close(): void;
 }
 
 /**
@@ -163,17 +166,31 @@ export function openKeydConnection(opts: { socketPath: string; timeoutMs?: numbe
   });
 }
 
-export function createKeydClient(opts: { socketPath: string; timeoutMs?: number; connection?: KeydConnection }): KeydClient {
+export function createKeydClient(opts: { socketPath: string; timeoutMs?: number; connection?: KeydConnection; keepAliveMs?: number }): KeydClient {
   const timeoutMs = opts.timeoutMs ?? 5000;
-  // prepare's connection: opened on first use, opened again once keyd has closed it (idle).
+  // prepare's connection: opened on first use (or by holdPrepareConnection), opened again if it ended.
+  // While open it is pinged every half of keyd's idle limit: without that keyd closes it after 5 s without
+  // a sealed request, and the next one would connect (and be identified by keyd) on its own path.
   let held: Promise<KeydConnection> | undefined;
   let openHeld: KeydConnection | undefined;
+  const keepAliveMs = opts.keepAliveMs ?? KEYD_IDLE_MS / 2;
+  const keepAlive = (c: KeydConnection): void => {
+    const timer = setInterval(() => {
+      if (!c.alive() || openHeld !== c) return clearInterval(timer);
+      c.call({ op: 'ping' }).catch(() => undefined);
+    }, keepAliveMs);
+    timer.unref();
+  };
   const heldConnection = (): Promise<KeydConnection> => {
     if (openHeld?.alive()) return Promise.resolve(openHeld);
     // One opening at a time: callers meanwhile share it; a failed or dead one is replaced by the next call.
     if (!held || openHeld) {
       openHeld = undefined;
-      const opening = openKeydConnection({ socketPath: opts.socketPath, timeoutMs }).then((c) => (openHeld = c));
+      const opening = openKeydConnection({ socketPath: opts.socketPath, timeoutMs }).then((c) => {
+        openHeld = c;
+        keepAlive(c);
+        return c;
+      });
       opening.catch(() => {
         if (held === opening) held = undefined;
       });
@@ -243,6 +260,13 @@ export function createKeydClient(opts: { socketPath: string; timeoutMs?: number;
       const request = { op: 'prepare', workerId, ...kemFields(r) };
       // Written before this returns when the connection is open, so it reaches keyd ahead of the job.
       await (openHeld?.alive() ? openHeld : await heldConnection()).call(request);
+    },
+    holdPrepareConnection: async () => void (await heldConnection()),
+    close: () => {
+      const c = openHeld;
+      openHeld = undefined;
+      held = undefined;
+      c?.close();
     },
   };
 }

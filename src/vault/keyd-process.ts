@@ -140,6 +140,9 @@ export async function startNodeKeyd(config: Readonly<Config>, deps: { logger: Lo
       const { key, cert } = await client.tls();
       return { key, cert, fingerprint: certificateFingerprint(cert), generated: false };
     },
-    stop: async () => child?.stop(),
+    stop: async () => {
+      client.close();
+      await child?.stop();
+    },
   };
 }

@@ -293,7 +293,7 @@ export interface KeydServer {
 }
 
 /** keyd's socket server: newline-delimited JSON, one caller identity per connection, bounded lines and idle time. */
-export async function listenKeyd(opts: { socketPath: string; service: KeyService; logger: Logger }): Promise<KeydServer> {
+export async function listenKeyd(opts: { socketPath: string; service: KeyService; logger: Logger; idleMs?: number }): Promise<KeydServer> {
   mkdirSync(dirname(opts.socketPath), { recursive: true, mode: 0o755 });
   try {
     unlinkSync(opts.socketPath);
@@ -301,7 +301,7 @@ export async function listenKeyd(opts: { socketPath: string; service: KeyService
     /* none */
   }
   const server = createServer((socket) => {
-    socket.setTimeout(KEYD_IDLE_MS, () => socket.destroy());
+    socket.setTimeout(opts.idleMs ?? KEYD_IDLE_MS, () => socket.destroy());
     socket.on('error', () => {});
     let caller: Caller;
     try {
