@@ -5,6 +5,7 @@ import http from 'node:http';
 import https from 'node:https';
 import tls from 'node:tls';
 import { once } from 'node:events';
+import type { Socket } from 'node:net';
 import { PhantomaError, ERRORS } from '../errors.ts';
 
 export interface NodeEndpoint {
@@ -58,19 +59,22 @@ export interface ApiResponse {
   body: http.IncomingMessage;
 }
 
-/** A body sent as it is (a sealed envelope), not as JSON. */
-export interface RawBody {
-  bytes: Uint8Array;
-  contentType: string;
-}
+/**
+ * A body sent as it is (a sealed envelope), not as JSON. Its bytes may be made late: given `length`, the
+ * request's headers go out first and `bytes()` runs while they travel, so the node reads and routes the
+ * request while the client is still sealing its body (the two are different machines, or processes).
+ */
+export type RawBody = { bytes: Uint8Array; contentType: string } | { bytes: () => Uint8Array; length: number; contentType: string };
 
 export async function request(endpoint: NodeEndpoint, method: string, path: string, body?: unknown, signal?: AbortSignal): Promise<ApiResponse> {
   const u = new URL(path, endpoint.url);
   const raw = body instanceof Object && 'bytes' in body && 'contentType' in body ? (body as RawBody) : undefined;
-  const payload = body === undefined ? undefined : raw ? Buffer.from(raw.bytes) : Buffer.from(JSON.stringify(body));
+  const late = raw && typeof raw.bytes === 'function' ? (raw as Extract<RawBody, { length: number }>) : undefined;
+  const payload = body === undefined || late ? undefined : raw ? Buffer.from(raw.bytes as Uint8Array) : Buffer.from(JSON.stringify(body));
+  const length = late ? late.length : payload?.length;
   const headers: http.OutgoingHttpHeaders = {
     accept: 'application/json, text/event-stream',
-    ...(payload ? { 'content-type': raw ? raw.contentType : 'application/json', 'content-length': payload.length } : {}),
+    ...(length !== undefined ? { 'content-type': raw ? raw.contentType : 'application/json', 'content-length': length } : {}),
     ...(endpoint.apiKey ? { authorization: `Bearer ${endpoint.apiKey}` } : {}),
   };
   const opts: http.RequestOptions = { method, path: u.pathname + u.search, headers, ...(signal ? { signal } : {}) };
@@ -84,7 +88,29 @@ export async function request(endpoint: NodeEndpoint, method: string, path: stri
     req = http.request({ ...opts, host: u.hostname.replace(/^\[|\]$/g, ''), port: u.port });
   }
   const responded = once(req, 'response') as Promise<[http.IncomingMessage]>;
-  req.end(payload);
+  // A failed request rejects `responded` with nobody listening yet while a late body is made.
+  let failed = false;
+  responded.catch(() => void (failed = true));
+  if (late) {
+    req.flushHeaders();
+    // Once connected (a reused keep-alive socket is), one turn of the event loop writes the headers; then
+    // the body is made. A connection that fails ends the wait too (the error is reported below).
+    await Promise.race([connected(req).then(() => new Promise((res) => setImmediate(res)), () => undefined), responded.then(() => undefined, () => undefined)]);
+  }
+  if (late && !failed) {
+    let bytes: Buffer;
+    try {
+      bytes = Buffer.from(late.bytes());
+      if (bytes.length !== late.length) throw new PhantomaError(ERRORS.INTERNAL, `the body is ${bytes.length} bytes, not the ${late.length} its headers announced`);
+    } catch (err) {
+      // The node sees a request whose body never completes, and refuses it: nothing reaches a worker.
+      req.destroy();
+      throw err;
+    }
+    req.end(bytes);
+  } else if (!late) {
+    req.end(payload);
+  }
   try {
     const [res] = await responded;
     return { status: res.statusCode ?? 0, headers: res.headers, body: res };
@@ -92,6 +118,12 @@ export async function request(endpoint: NodeEndpoint, method: string, path: stri
     if (signal?.aborted) throw err;
     throw new PhantomaError(ERRORS.NODE_UNREACHABLE, `cannot reach ${u.host}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
   }
+}
+
+/** Resolves once the request has a connected socket (a new connection's TCP connect, or a reused one). */
+async function connected(req: http.ClientRequest): Promise<void> {
+  const socket = req.socket ?? ((await once(req, 'socket')) as [Socket])[0];
+  if (socket.connecting) await once(socket, 'connect');
 }
 
 export async function readAll(res: http.IncomingMessage): Promise<string> {

@@ -7,7 +7,7 @@ import type http from 'node:http';
 import { ERRORS, PhantomaError, definitionOf } from '../errors.ts';
 import { verifyKeyDocument, type KeyDocument } from '../vault/signing.ts';
 import { ed25519PublicKeyObject } from '../vault/contents.ts';
-import { sealRequest } from '../sealed/request.ts';
+import { planSealedRequest, type SealedRequest } from '../sealed/request.ts';
 import { createKemSpare } from './kem-spare.ts';
 import { createChunkOpener } from '../sealed/seal.ts';
 import { decodeEvent, type SealedEvent } from '../sealed/inner.ts';
@@ -105,14 +105,34 @@ export function createSealedClient(opts: SealedClientOptions): SealedClient {
     const stream = o.stream ?? false;
     const node = currentKey(c.doc);
     const kem = spare.take(node);
-    let sealed: ReturnType<typeof sealRequest>;
-    try {
-      sealed = sealRequest({ node, clientName: opts.clientName, clientKey: opts.clientKey, model, stream, body, nowMs: clock(), kem });
-    } finally {
+    const wipeKem = (): void => {
       kem.x25519Secret.fill(0);
       kem.mlkemSecret.fill(0);
+    };
+    let plan: ReturnType<typeof planSealedRequest>;
+    try {
+      plan = planSealedRequest({ node, clientName: opts.clientName, clientKey: opts.clientKey, model, stream, body, nowMs: clock(), kem });
+    } catch (err) {
+      wipeKem();
+      throw err;
     }
-    const res = await request(c.endpoint, 'POST', SEALED_PATH, { bytes: sealed.envelope, contentType: SEALED_CONTENT_TYPE }, o.signal);
+    // The headers go out first; the body is sealed while they travel (src/client/http.ts).
+    let made: SealedRequest | undefined;
+    const seal = (): Uint8Array => {
+      try {
+        made = plan.seal();
+        return made.envelope;
+      } finally {
+        wipeKem();
+      }
+    };
+    let res: Awaited<ReturnType<typeof request>>;
+    try {
+      res = await request(c.endpoint, 'POST', SEALED_PATH, { bytes: seal, length: plan.length, contentType: SEALED_CONTENT_TYPE }, o.signal);
+    } finally {
+      wipeKem(); // also when no byte of the body was made (the node was not reachable)
+    }
+    const sealed = made!;
     const opener = createChunkOpener(sealed.keys.responseKey);
     const answer: { text: string[]; end?: SealedEvent; receipt?: Receipt; clearError?: PhantomaError } = { text: [] };
     const calls: Array<{ id: string; name: string; arguments: string }> = [];

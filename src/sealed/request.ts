@@ -3,8 +3,8 @@
 // body with it and seals its answer. The gateway is not here: it only runs envelope.ts's checks.
 import { randomBytes, type KeyObject } from 'node:crypto';
 import { combineKem, decapsulate, encapsulate, type KemSecrets, type PreparedRequestPrivateKeys, type RequestPrivateKeys, type RequestPublicKeys } from './kem.ts';
-import { ENVELOPE_VERSION, NONCE_BYTES, encodeEnvelope, encodeHeader, transcriptHashOf, type Envelope } from './envelope.ts';
-import { deriveSessionKeys, openBody, sealBody, type SessionKeys } from './seal.ts';
+import { ENVELOPE_VERSION, GCM_TAG_BYTES, NONCE_BYTES, SIGNATURE_BYTES, encodeEnvelope, encodeHeader, transcriptHashOf, type Envelope } from './envelope.ts';
+import { BODY_BUCKETS, deriveSessionKeys, openBody, paddedSize, sealBody, type SessionKeys } from './seal.ts';
 
 export interface NodeRequestKey {
   keyId: string;
@@ -36,6 +36,15 @@ export interface SealedRequest {
 }
 
 export function sealRequest(input: SealRequestInput): SealedRequest {
+  return planSealedRequest(input).seal();
+}
+
+/**
+ * A sealed request in two steps: its exact envelope length first (the header and the padded body's bucket
+ * are known before any crypto on the body), then the sealing — so a client can send its HTTP headers while
+ * it seals (src/client/http.ts). The body is serialised in the first step, once.
+ */
+export function planSealedRequest(input: SealRequestInput): { length: number; seal(): SealedRequest } {
   const kem = input.kem ?? encapsulate(input.node.publicKeys);
   const fields = {
     version: ENVELOPE_VERSION,
@@ -48,14 +57,21 @@ export function sealRequest(input: SealRequestInput): SealedRequest {
     ephemeralPublicKey: kem.ephemeralPublicKey,
     kemCiphertext: kem.kemCiphertext,
   };
-  const transcriptHash = transcriptHashOf(encodeHeader(fields));
-  const requestKey = combineKem(kem, transcriptHash);
-  const keys = deriveSessionKeys(requestKey);
-  requestKey.fill(0);
+  const header = encodeHeader(fields);
   const json = Buffer.from(JSON.stringify(input.body), 'utf8');
-  const ciphertext = sealBody(keys.bodyKey, transcriptHash, json);
-  json.fill(0);
-  return { envelope: encodeEnvelope({ ...fields, ciphertext }, input.clientKey), keys };
+  const length = header.length + 4 + paddedSize(json.length, BODY_BUCKETS) + GCM_TAG_BYTES + SIGNATURE_BYTES;
+  return {
+    length,
+    seal() {
+      const transcriptHash = transcriptHashOf(header);
+      const requestKey = combineKem(kem, transcriptHash);
+      const keys = deriveSessionKeys(requestKey);
+      requestKey.fill(0);
+      const ciphertext = sealBody(keys.bodyKey, transcriptHash, json);
+      json.fill(0);
+      return { envelope: encodeEnvelope({ ...fields, ciphertext }, input.clientKey), keys };
+    },
+  };
 }
 
 /** keyd: the per-request key for an envelope's KEM fields and transcript (one call per worker). */

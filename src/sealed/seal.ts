@@ -32,10 +32,15 @@ export function deriveSessionKeys(requestKey: Uint8Array): SessionKeys {
   return { bodyKey: k(BODY_KEY_INFO), responseKey: k(RESPONSE_KEY_INFO) };
 }
 
+/** The padded size of a payload of `n` bytes: the smallest bucket that holds it and its 4-byte length. */
+export function paddedSize(n: number, buckets: readonly number[]): number {
+  const size = buckets.find((b) => b >= n + 4);
+  if (size === undefined) throw new RangeError(`${n} bytes is more than the largest bucket (${buckets.at(-1)! - 4})`);
+  return size;
+}
+
 export function pad(payload: Uint8Array, buckets: readonly number[]): Buffer {
-  const need = payload.length + 4;
-  const size = buckets.find((b) => b >= need);
-  if (size === undefined) throw new RangeError(`${payload.length} bytes is more than the largest bucket (${buckets.at(-1)! - 4})`);
+  const size = paddedSize(payload.length, buckets);
   const out = Buffer.alloc(size);
   out.writeUInt32BE(payload.length, 0);
   out.set(payload, 4);
