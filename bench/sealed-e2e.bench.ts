@@ -16,6 +16,7 @@ import { createLogger } from '../src/logger.ts';
 import { makeVaultContents, addClient, identityFingerprint, rawEd25519Public } from '../src/vault/contents.ts';
 import { createVault } from '../src/vault/store.ts';
 import { projectRoot } from '../src/paths.ts';
+import { pairedReport } from './stats.ts';
 
 const { values } = parseArgs({ options: { iterations: { type: 'string', default: '30' } } });
 const N = Number(values.iterations);
@@ -77,36 +78,12 @@ for (let i = 0; i < N + 3; i++) {
     samples.sealed.push(s);
   }
 }
-const q = (xs: number[], f: number): number => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(f * xs.length))]!;
-const diffs = samples.sealed.map((s, i) => s - samples.plain[i]!);
 // The prompt's evaluation varies by a few ms from one request to the next on this 2-vCPU VM, far more than
 // the sealed path adds, so one median of N pairs moves by about a millisecond between runs. The report gives
-// a 95 % interval for the paired median (bootstrap over the pairs, fixed seed) and a 25 %-trimmed mean.
-function bootstrapMedian(xs: number[], rounds = 4000): [number, number] {
-  let seed = 0x9e3779b9;
-  const rand = (): number => ((seed = (Math.imul(seed ^ (seed >>> 15), 0x2c1b3c6d) + 0x6d2b79f5) >>> 0) / 2 ** 32);
-  const medians = Array.from({ length: rounds }, () => q(Array.from({ length: xs.length }, () => xs[Math.floor(rand() * xs.length)]!), 0.5));
-  return [q(medians, 0.025), q(medians, 0.975)];
-}
-const trimmedMean = (xs: number[], cut: number): number => {
-  const sorted = [...xs].sort((a, b) => a - b).slice(Math.floor(xs.length * cut), Math.ceil(xs.length * (1 - cut)));
-  return sorted.reduce((a, b) => a + b, 0) / sorted.length;
-};
-const [ciLow, ciHigh] = bootstrapMedian(diffs);
-const report = {
-  date: new Date().toISOString(),
-  iterations: N,
-  promptBytes: prompt.length,
-  plainP50Ms: q(samples.plain, 0.5),
-  sealedP50Ms: q(samples.sealed, 0.5),
-  /** The issue's figure read literally: sealed p50 minus plain p50. */
-  p50DifferenceMs: q(samples.sealed, 0.5) - q(samples.plain, 0.5),
-  /** Per pair (sealed minus the plain request just before it). */
-  addedP50Ms: q(diffs, 0.5),
-  addedP50Ci95Ms: [ciLow, ciHigh],
-  addedTrimmedMeanMs: trimmedMean(diffs, 0.25),
-  addedP95Ms: q(diffs, 0.95),
-};
+// a 95 % interval for the paired median (bootstrap over the pairs, fixed seed) and a 25 %-trimmed mean;
+// bench/sealed-e2e-pool.ts pools the pairs of several runs.
+const report = { date: new Date().toISOString(), iterations: N, promptBytes: prompt.length, ...pairedReport(samples.plain, samples.sealed) };
+const [ciLow, ciHigh] = report.addedP50Ci95Ms;
 console.log(JSON.stringify(report, null, 2));
 console.log(`\nto the last content chunk, 4 KiB prompt, 8 tokens, ${N} pairs: plain p50 ${report.plainP50Ms.toFixed(1)} ms, sealed p50 ${report.sealedP50Ms.toFixed(1)} ms (difference ${report.p50DifferenceMs.toFixed(2)} ms); per pair sealed adds p50 ${report.addedP50Ms.toFixed(2)} ms (95 % CI ${ciLow.toFixed(2)}-${ciHigh.toFixed(2)}), trimmed mean ${report.addedTrimmedMeanMs.toFixed(2)}, p95 ${report.addedP95Ms.toFixed(2)} ms`);
 mkdirSync(join(root, 'bench', 'results'), { recursive: true });
