@@ -91,25 +91,26 @@ export async function request(endpoint: NodeEndpoint, method: string, path: stri
   // A failed request rejects `responded` with nobody listening yet while a late body is made.
   let failed = false;
   responded.catch(() => void (failed = true));
-  if (late) {
+  if (!late) {
+    req.end(payload);
+  } else {
     req.flushHeaders();
     // Once connected (a reused keep-alive socket is), one turn of the event loop writes the headers; then
-    // the body is made. A connection that fails ends the wait too (the error is reported below).
+    // the body is made. A connection that fails ends the wait too, and no body is made (the error is
+    // reported below).
     await Promise.race([connected(req).then(() => new Promise((res) => setImmediate(res)), () => undefined), responded.then(() => undefined, () => undefined)]);
-  }
-  if (late && !failed) {
-    let bytes: Buffer;
-    try {
-      bytes = Buffer.from(late.bytes());
-      if (bytes.length !== late.length) throw new PhantomaError(ERRORS.INTERNAL, `the body is ${bytes.length} bytes, not the ${late.length} its headers announced`);
-    } catch (err) {
-      // The node sees a request whose body never completes, and refuses it: nothing reaches a worker.
-      req.destroy();
-      throw err;
+    if (!failed) {
+      let bytes: Buffer;
+      try {
+        bytes = Buffer.from(late.bytes());
+        if (bytes.length !== late.length) throw new PhantomaError(ERRORS.INTERNAL, `the body is ${bytes.length} bytes, not the ${late.length} its headers announced`);
+      } catch (err) {
+        // The node sees a request whose body never completes, and refuses it: nothing reaches a worker.
+        req.destroy();
+        throw err;
+      }
+      req.end(bytes);
     }
-    req.end(bytes);
-  } else if (!late) {
-    req.end(payload);
   }
   try {
     const [res] = await responded;
