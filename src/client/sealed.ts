@@ -9,6 +9,7 @@ import { verifyKeyDocument, type KeyDocument } from '../vault/signing.ts';
 import { ed25519PublicKeyObject } from '../vault/contents.ts';
 import { planSealedRequest, type SealedRequest } from '../sealed/request.ts';
 import { createKemSpare } from './kem-spare.ts';
+import { wipeKemSecrets } from '../sealed/kem.ts';
 import { createChunkOpener } from '../sealed/seal.ts';
 import { decodeEvent, type SealedEvent } from '../sealed/inner.ts';
 import type { TokenLogprob } from '../ephemeral/worker-protocol.ts';
@@ -105,10 +106,7 @@ export function createSealedClient(opts: SealedClientOptions): SealedClient {
     const stream = o.stream ?? false;
     const node = currentKey(c.doc);
     const kem = spare.take(node);
-    const wipeKem = (): void => {
-      kem.x25519Secret.fill(0);
-      kem.mlkemSecret.fill(0);
-    };
+    const wipeKem = (): void => wipeKemSecrets(kem);
     let plan: ReturnType<typeof planSealedRequest>;
     try {
       plan = planSealedRequest({ node, clientName: opts.clientName, clientKey: opts.clientKey, model, stream, body, nowMs: clock(), kem });

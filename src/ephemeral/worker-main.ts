@@ -7,7 +7,7 @@ import { createLogger } from '../logger.ts';
 import { createLlamaRuntime, loadModelFile, createContext, prepareChatWrapper, generateChat, generateCompletion, generateEmbeddings, generateWithLogprobs, type GenerateOptions, type GenerateResult, type TokenLogprob } from '../models/llama.ts';
 import { ERRORS, PhantomaError, isPhantomaError } from '../errors.ts';
 import { setDumpable, mallocTrim } from '../native/addon.ts';
-import { createKeydClient, openKeydConnection, sessionKeysOf, type DecapsulateRequest, type KeydConnection } from '../vault/keyd-client.ts';
+import { createKeydClient, keepAlive, openKeydConnection, sessionKeysOf, type DecapsulateRequest, type KeydConnection } from '../vault/keyd-client.ts';
 import type { SessionKeys } from '../sealed/seal.ts';
 import { KEYD_IDLE_MS } from '../vault/keyd.ts';
 import { serveSealedJob, warmSealedJob } from './sealed-job.ts';
@@ -83,18 +83,15 @@ async function main(): Promise<void> {
   }
   // keyd closes a connection idle for KEYD_IDLE_MS, and a warm worker may wait in its pool far longer; the
   // held connection is where the gateway's prepared key arrives, so a ping every half of that keeps it.
-  const keepAlive = heldKeyd
-    ? setInterval(() => {
-        const held = heldKeyd;
-        if (!held) return;
-        held.connection.call({ op: 'ping' }).then(
-          () => void (held.lastUsed = Date.now()),
-          () => {
-            if (heldKeyd === held) heldKeyd = undefined;
-            held.connection.close();
-          },
-        );
-      }, KEYD_IDLE_MS / 2)
+  const held = heldKeyd;
+  const stopKeepAlive = held
+    ? keepAlive(held.connection, KEYD_IDLE_MS / 2, {
+        pinged: () => void (held.lastUsed = Date.now()),
+        failed: () => {
+          if (heldKeyd === held) heldKeyd = undefined;
+          held.connection.close();
+        },
+      })
     : undefined;
   // An idle warm worker should hold only what serving needs: collect the garbage of loading and warm-up,
   // then hand glibc's freed arena pages back (≈10 MiB per worker on the bench model; the pool holds several).
@@ -106,7 +103,7 @@ async function main(): Promise<void> {
   const jobArrived = Promise.withResolvers<JobMessage>();
   const decode = createLineDecoder<ToWorker>((m) => {
     if (m.type === 'job' && !job) {
-      clearInterval(keepAlive);
+      stopKeepAlive?.();
       job = m;
       jobArrived.resolve(m);
     } else if (m.type === 'cancel') {

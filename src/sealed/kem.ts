@@ -124,6 +124,12 @@ export function decapsulate(keys: RequestPrivateKeys | PreparedRequestPrivateKey
   };
 }
 
+/** Zero-fills the two shared secrets of a key agreement (once it sealed or opened its one request). */
+export function wipeKemSecrets(s: Pick<KemSecrets, 'x25519Secret' | 'mlkemSecret'>): void {
+  s.x25519Secret.fill(0);
+  s.mlkemSecret.fill(0);
+}
+
 /** The per-request key: both secrets through HKDF, bound to the ciphertexts and the transcript hash. */
 export function combineKem(s: KemSecrets, transcriptHash: Uint8Array): Uint8Array {
   if (transcriptHash.length !== TRANSCRIPT_HASH_BYTES) throw new RangeError(`the transcript hash is ${TRANSCRIPT_HASH_BYTES} bytes`);

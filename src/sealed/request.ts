@@ -2,7 +2,7 @@
 // envelope, signature); keyd turns the envelope's KEM fields into the per-request key; the worker opens the
 // body with it and seals its answer. The gateway is not here: it only runs envelope.ts's checks.
 import { randomBytes, type KeyObject } from 'node:crypto';
-import { combineKem, decapsulate, encapsulate, type KemSecrets, type PreparedRequestPrivateKeys, type RequestPrivateKeys, type RequestPublicKeys } from './kem.ts';
+import { combineKem, decapsulate, encapsulate, wipeKemSecrets, type KemSecrets, type PreparedRequestPrivateKeys, type RequestPrivateKeys, type RequestPublicKeys } from './kem.ts';
 import { ENVELOPE_VERSION, GCM_TAG_BYTES, NONCE_BYTES, SIGNATURE_BYTES, encodeEnvelope, encodeHeader, transcriptHashOf, type Envelope } from './envelope.ts';
 import { BODY_BUCKETS, deriveSessionKeys, openBody, paddedSize, sealBody, type SessionKeys } from './seal.ts';
 
@@ -80,8 +80,7 @@ export function requestKeyFor(privateKeys: RequestPrivateKeys | PreparedRequestP
   try {
     return combineKem(secrets, env.transcriptHash);
   } finally {
-    Buffer.from(secrets.x25519Secret.buffer, secrets.x25519Secret.byteOffset, secrets.x25519Secret.length).fill(0);
-    Buffer.from(secrets.mlkemSecret.buffer, secrets.mlkemSecret.byteOffset, secrets.mlkemSecret.length).fill(0);
+    wipeKemSecrets(secrets);
   }
 }
 

@@ -166,6 +166,23 @@ export function openKeydConnection(opts: { socketPath: string; timeoutMs?: numbe
   });
 }
 
+/**
+ * Pings a held connection every `everyMs` (half of keyd's idle limit by default), so keyd does not close it
+ * as idle; stops once the connection is dead or `stop` (returned) is called. The timer does not keep the
+ * process alive.
+ */
+export function keepAlive(c: KeydConnection, everyMs = KEYD_IDLE_MS / 2, on: { pinged?(): void; failed?(): void } = {}): () => void {
+  const timer = setInterval(() => {
+    if (!c.alive()) return clearInterval(timer);
+    c.call({ op: 'ping' }).then(
+      () => on.pinged?.(),
+      () => on.failed?.(),
+    );
+  }, everyMs);
+  timer.unref();
+  return () => clearInterval(timer);
+}
+
 export function createKeydClient(opts: { socketPath: string; timeoutMs?: number; connection?: KeydConnection; keepAliveMs?: number }): KeydClient {
   const timeoutMs = opts.timeoutMs ?? 5000;
   // prepare's connection: opened on first use (or by holdPrepareConnection), opened again if it ended.
@@ -174,13 +191,6 @@ export function createKeydClient(opts: { socketPath: string; timeoutMs?: number;
   let held: Promise<KeydConnection> | undefined;
   let openHeld: KeydConnection | undefined;
   const keepAliveMs = opts.keepAliveMs ?? KEYD_IDLE_MS / 2;
-  const keepAlive = (c: KeydConnection): void => {
-    const timer = setInterval(() => {
-      if (!c.alive() || openHeld !== c) return clearInterval(timer);
-      c.call({ op: 'ping' }).catch(() => undefined);
-    }, keepAliveMs);
-    timer.unref();
-  };
   const heldConnection = (): Promise<KeydConnection> => {
     if (openHeld?.alive()) return Promise.resolve(openHeld);
     // One opening at a time: callers meanwhile share it; a failed or dead one is replaced by the next call.
@@ -188,7 +198,7 @@ export function createKeydClient(opts: { socketPath: string; timeoutMs?: number;
       openHeld = undefined;
       const opening = openKeydConnection({ socketPath: opts.socketPath, timeoutMs }).then((c) => {
         openHeld = c;
-        keepAlive(c);
+        const stop = keepAlive(c, keepAliveMs, { failed: () => stop() });
         return c;
       });
       opening.catch(() => {
