@@ -1,6 +1,7 @@
 // The client side of bench/sealed-e2e.bench.ts, in its own process as a real client is (in the node's
 // process it would share one event loop with the gateway). Told over IPC which arm to run next; answers
-// with the time from sending to the last content chunk.
+// with the time from sending to the last content chunk and the node's request id (to find the worker's
+// prompt-evaluation time in the node's log).
 import { createPrivateKey } from 'node:crypto';
 import { createSealedClient } from '../src/client/sealed.ts';
 
@@ -16,25 +17,29 @@ const body = { messages: [{ role: 'user', content: prompt }], max_tokens: 8, tem
 const client = createSealedClient({ url: setup.url, identityPin: setup.identityPin, clientName: 'alice', clientKey: createPrivateKey(setup.clientKeyPem) });
 await client.keyDocument(); // fetched once, as a real client would
 
-async function plain(): Promise<number> {
+interface Timed {
+  ms: number;
+  requestId: string;
+}
+async function plain(): Promise<Timed> {
   const t0 = performance.now();
   const res = await fetch(setup.url + '/v1/chat/completions', { method: 'POST', headers: { 'content-type': 'application/json', authorization: `Bearer ${setup.apiKey}` }, body: JSON.stringify({ model: 'tiny', stream: true, ...body }) });
   let last = t0;
   const dec = new TextDecoder();
   for await (const c of res.body!) if (dec.decode(c as Uint8Array).includes('"content"')) last = performance.now();
-  return last - t0;
+  return { ms: last - t0, requestId: res.headers.get('x-request-id') ?? '' };
 }
-async function sealed(): Promise<number> {
+async function sealed(): Promise<Timed> {
   const t0 = performance.now();
   let last = t0;
-  await client.send('tiny', body, { stream: true, onText: () => (last = performance.now()) });
-  return last - t0;
+  const answer = await client.send('tiny', body, { stream: true, onText: () => (last = performance.now()) });
+  return { ms: last - t0, requestId: answer.receipt.requestId };
 }
 
 process.on('message', (m: { arm: 'plain' | 'sealed' | 'exit' }) => {
   if (m.arm === 'exit') process.exit(0);
   (m.arm === 'plain' ? plain() : sealed()).then(
-    (ms) => process.send!({ ms }),
+    (timed) => process.send!(timed),
     (err: unknown) => process.send!({ error: (err as Error).message }),
   );
 });

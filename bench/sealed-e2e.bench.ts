@@ -3,16 +3,26 @@
 // Time is measured from sending the request to the last content chunk (not the receipt), and the pool is
 // let refill between requests so neither arm waits for a worker start. The client is a process of its own
 // (bench/sealed-e2e-client.ts), as a real client is. Root (the warden).
+// On a noisy VM the model's evaluation of the prompt and tokens varies by tens of ms from one request to
+// the next, far more than the sealed path adds. The worker reports each request's model time (input handed
+// to the model to its last token: workerModelMs in the node's request log line), and the report also gives
+// both arms with it taken out: a control variate, the same evaluation of the same prompt in both arms, so
+// it cancels in expectation while its noise goes. What stays is the node's and the client's own work
+// (request, job hand-over, keyd, opening the body, the last chunk's way out), sealed or not. The sealed
+// arm's chunk sealing runs beside the token evaluations; it would be taken out only where it delayed a
+// token, which the per-arm mean model times check.
 //   . scripts/env.sh && node bench/sealed-e2e.bench.ts [--iterations 30]
 import { parseArgs } from 'node:util';
 import { fork } from 'node:child_process';
 import { generateKeyPairSync } from 'node:crypto';
 import { mkdtempSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { Writable } from 'node:stream';
 import { join } from 'node:path';
 import { validateConfig } from '../src/config/load.ts';
 import { startNode } from '../src/main.ts';
 import { createLogger } from '../src/logger.ts';
+import type { DestinationStream } from 'pino';
 import { makeVaultContents, addClient, identityFingerprint, rawEd25519Public } from '../src/vault/contents.ts';
 import { createVault } from '../src/vault/store.ts';
 import { projectRoot } from '../src/paths.ts';
@@ -29,7 +39,7 @@ createVault(join(dir, 'vault.phv'), { kind: 'passphrase', secret: Buffer.from('b
 const r = validateConfig({
   stateDir: join(dir, 'state'),
   cacheDir: join(root, '.cache'),
-  logLevel: 'warn',
+  logLevel: 'info',
   gateway: { host: '127.0.0.1', port: 0, metricsPort: 0, tls: 'off', auth: 'api-keys', rateLimitPerMinute: 100000, maxConcurrentPerKey: 8 },
   pool: { size: 2, maxActive: 1 },
   inference: { threads: 1, contextSize: 4096 },
@@ -37,7 +47,23 @@ const r = validateConfig({
   vault: { path: join(dir, 'vault.phv'), keydSocket: join(dir, 'keyd', 'keyd.sock') },
 });
 if (!r.ok) throw new Error(JSON.stringify(r.issues));
-const node = await startNode(r.config, { logger: createLogger({ level: 'warn' }), vaultEnv: { ...process.env, PHANTOMA_VAULT_PASSPHRASE: 'bench' } });
+// The request log lines carry each worker's model time; everything else at warn and above goes
+// to stderr as before.
+const modelTimeOf = new Map<string, { promptEvalMs: number; modelMs: number }>();
+const logSink = new Writable({
+  write(chunk: Buffer, _enc, done): void {
+    for (const line of String(chunk).split('\n')) {
+      if (line.length === 0) continue;
+      const entry = JSON.parse(line) as { level: number; reqId?: string; workerPromptEvalMs?: number; workerModelMs?: number };
+      if (entry.reqId !== undefined && entry.workerPromptEvalMs !== undefined && entry.workerModelMs !== undefined) {
+        modelTimeOf.set(entry.reqId, { promptEvalMs: entry.workerPromptEvalMs, modelMs: entry.workerModelMs });
+      }
+      else if (entry.level >= 40) process.stderr.write(line + '\n');
+    }
+    done();
+  },
+});
+const node = await startNode(r.config, { logger: createLogger({ level: 'info', destination: logSink as unknown as DestinationStream }), vaultEnv: { ...process.env, PHANTOMA_VAULT_PASSPHRASE: 'bench' } });
 const apiKey = node.apiKeys!.create('bench').key;
 const pool = node.models[0]!.pool;
 const full = async (): Promise<void> => {
@@ -53,43 +79,65 @@ const client = fork(join(root, 'bench', 'sealed-e2e-client.ts'), {
   env: { ...process.env, PHANTOMA_BENCH_CLIENT: JSON.stringify({ url: node.url, apiKey, identityPin: identityFingerprint(Buffer.from(contents.identity.publicKey, 'base64')), clientKeyPem: alice.privateKey.export({ format: 'pem', type: 'pkcs8' }) }) },
   stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
 });
-const answers: Array<(m: { ms?: number; error?: string; ready?: boolean }) => void> = [];
-client.on('message', (m: { ms?: number; error?: string; ready?: boolean }) => answers.shift()?.(m));
-const next = (): Promise<{ ms?: number; error?: string; ready?: boolean }> => new Promise((res) => answers.push(res));
+type ClientAnswer = { ms?: number; requestId?: string; error?: string; ready?: boolean };
+const answers: Array<(m: ClientAnswer) => void> = [];
+client.on('message', (m: ClientAnswer) => answers.shift()?.(m));
+const next = (): Promise<ClientAnswer> => new Promise((res) => answers.push(res));
 await next(); // ready
-async function run(arm: 'plain' | 'sealed'): Promise<number> {
+async function run(arm: 'plain' | 'sealed'): Promise<{ ms: number; requestId: string }> {
   const answer = next();
   client.send({ arm });
   const m = await answer;
-  if (m.ms === undefined) throw new Error(`the ${arm} request failed: ${m.error}`);
-  return m.ms;
+  if (m.ms === undefined || m.requestId === undefined) throw new Error(`the ${arm} request failed: ${m.error}`);
+  return { ms: m.ms, requestId: m.requestId };
 }
-const plain = (): Promise<number> => run('plain');
-const sealed = (): Promise<number> => run('sealed');
 
-const samples = { plain: [] as number[], sealed: [] as number[] };
+const timed = { plain: [] as Array<{ ms: number; requestId: string }>, sealed: [] as Array<{ ms: number; requestId: string }> };
 for (let i = 0; i < N + 3; i++) {
   await full();
-  const p = await plain();
+  const p = await run('plain');
   await full();
-  const s = await sealed();
+  const s = await run('sealed');
   if (i >= 3) {
-    samples.plain.push(p);
-    samples.sealed.push(s);
+    timed.plain.push(p);
+    timed.sealed.push(s);
   }
 }
+await full(); // the last request's log line is written by now
+const modelTime = (t: { requestId: string }): { promptEvalMs: number; modelMs: number } => {
+  const m = modelTimeOf.get(t.requestId);
+  if (m === undefined) throw new Error(`no model time was logged for request ${t.requestId}`);
+  return m;
+};
+const samples = { plain: timed.plain.map((t) => t.ms), sealed: timed.sealed.map((t) => t.ms) };
+const models = { plain: timed.plain.map((t) => modelTime(t).modelMs), sealed: timed.sealed.map((t) => modelTime(t).modelMs) };
+const evals = { plain: timed.plain.map((t) => modelTime(t).promptEvalMs), sealed: timed.sealed.map((t) => modelTime(t).promptEvalMs) };
+const mean = (xs: readonly number[]): number => xs.reduce((a, b) => a + b, 0) / xs.length;
+const withoutModel = { plain: samples.plain.map((ms, i) => ms - models.plain[i]!), sealed: samples.sealed.map((ms, i) => ms - models.sealed[i]!) };
 // The prompt's evaluation varies by a few ms from one request to the next on this 2-vCPU VM, far more than
 // the sealed path adds, so one median of N pairs moves by about a millisecond between runs. The report gives
 // a 95 % interval for the paired median (bootstrap over the pairs, fixed seed) and a 25 %-trimmed mean;
 // bench/sealed-e2e-pool.ts pools the pairs of several runs.
-const report = { date: new Date().toISOString(), iterations: N, promptBytes: prompt.length, ...pairedReport(samples.plain, samples.sealed) };
+const adjusted = pairedReport(withoutModel.plain, withoutModel.sealed);
+const report = {
+  date: new Date().toISOString(),
+  iterations: N,
+  promptBytes: prompt.length,
+  ...pairedReport(samples.plain, samples.sealed),
+  /** The check on the control variate: both arms evaluate the same prompt, so these means should agree. */
+  modelMeanMs: { plain: mean(models.plain), sealed: mean(models.sealed) },
+  promptEvalMeanMs: { plain: mean(evals.plain), sealed: mean(evals.sealed) },
+  /** Each request's time with its own model time taken out. */
+  withoutModelTime: adjusted,
+};
 const [ciLow, ciHigh] = report.addedP50Ci95Ms;
 console.log(JSON.stringify(report, null, 2));
+console.log(`without each request's model time (plain ${report.modelMeanMs.plain.toFixed(1)} ms, sealed ${report.modelMeanMs.sealed.toFixed(1)} ms on average): sealed p50 minus plain p50 ${adjusted.p50DifferenceMs.toFixed(2)} ms; per pair p50 ${adjusted.addedP50Ms.toFixed(2)} ms (95 % CI ${adjusted.addedP50Ci95Ms[0].toFixed(2)}-${adjusted.addedP50Ci95Ms[1].toFixed(2)}), trimmed mean ${adjusted.addedTrimmedMeanMs.toFixed(2)} ms`);
 console.log(`\nto the last content chunk, 4 KiB prompt, 8 tokens, ${N} pairs: plain p50 ${report.plainP50Ms.toFixed(1)} ms, sealed p50 ${report.sealedP50Ms.toFixed(1)} ms (difference ${report.p50DifferenceMs.toFixed(2)} ms); per pair sealed adds p50 ${report.addedP50Ms.toFixed(2)} ms (95 % CI ${ciLow.toFixed(2)}-${ciHigh.toFixed(2)}), trimmed mean ${report.addedTrimmedMeanMs.toFixed(2)}, p95 ${report.addedP95Ms.toFixed(2)} ms`);
 mkdirSync(join(root, 'bench', 'results'), { recursive: true });
 // The pairs themselves too, so runs can be pooled (bench/README.md).
 const round2 = (xs: number[]): number[] => xs.map((x) => Math.round(x * 100) / 100);
-writeFileSync(join(root, 'bench', 'results', 'sealed-e2e.json'), JSON.stringify({ ...report, pairs: { plainMs: round2(samples.plain), sealedMs: round2(samples.sealed) } }) + '\n');
+writeFileSync(join(root, 'bench', 'results', 'sealed-e2e.json'), JSON.stringify({ ...report, pairs: { plainMs: round2(samples.plain), sealedMs: round2(samples.sealed), plainModelMs: round2(models.plain), sealedModelMs: round2(models.sealed) } }) + '\n');
 client.send({ arm: 'exit' });
 await new Promise((res) => client.once('exit', res));
 await node.close();

@@ -51,6 +51,10 @@ export interface JobResult {
   finishReason: FinishReason;
   usage: Usage;
   firstTokenMs: number | null;
+  /** The model's own share of firstTokenMs (its prompt evaluation); the rest is the node's. */
+  promptEvalMs: number | null;
+  /** The model's own time, input to last token. */
+  modelMs: number | null;
   generateMs: number;
   /** A sealed job: whether the worker's sealed answer ended in its `done` or its `error` event. */
   sealedOutcome?: 'ok' | 'error';
@@ -294,7 +298,7 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
             else if (m.type === 'embedding') run.onEmbedding?.(m.index, m.embedding);
             else if (m.type === 'sealed') run.onSealed?.(m.data, m.final);
             else if (m.type === 'done') {
-              finish('ok', undefined, { finishReason: m.finishReason, usage: m.usage, firstTokenMs: m.firstTokenMs, generateMs: m.generateMs, ...(m.sealedOutcome ? { sealedOutcome: m.sealedOutcome } : {}) });
+              finish('ok', undefined, { finishReason: m.finishReason, usage: m.usage, firstTokenMs: m.firstTokenMs, promptEvalMs: m.promptEvalMs ?? null, modelMs: m.modelMs ?? null, generateMs: m.generateMs, ...(m.sealedOutcome ? { sealedOutcome: m.sealedOutcome } : {}) });
             }
             else if (m.type === 'error') finish(m.code === ERRORS.CONTEXT_LENGTH_EXCEEDED.code ? 'refused' : 'worker_failed', workerError(m.code, m.message));
           };

@@ -48,6 +48,9 @@ export async function serveSealedJob(request: SealedJobMessage, d: SealedJobDeps
   const sealer = createChunkSealer(keys.responseKey);
   const sendSealed = (e: SealedEvent, final: boolean): Promise<void> => d.send({ type: 'sealed', data: sealer.seal(encodeEvent(e), final).toString('base64'), final });
   let firstTokenMs: number | null = null;
+  let promptEvalMs: number | null = null;
+  let modelMs: number | null = null;
+  let modelStart = 0;
   try {
     let json: Buffer;
     try {
@@ -107,7 +110,12 @@ export async function serveSealedJob(request: SealedJobMessage, d: SealedJobDeps
         generated += ids.length;
       },
       onText: (text) => {
-        firstTokenMs ??= performance.now() - jobStart;
+        const now = performance.now();
+        modelMs = now - modelStart;
+        if (firstTokenMs === null) {
+          firstTokenMs = now - jobStart;
+          promptEvalMs = modelMs;
+        }
         pending += text;
         // Streamed: each piece of text goes as soon as the next token is under way. Not streamed: gathered
         // into few large chunks.
@@ -117,6 +125,7 @@ export async function serveSealedJob(request: SealedJobMessage, d: SealedJobDeps
       },
     };
     let logprobsSent = Promise.resolve();
+    modelStart = performance.now();
     const result = await d.generate(job, opts, (text, entries) => {
       opts.onText?.(text);
       // Entries follow their text, in groups that stay far below the largest chunk bucket.
@@ -130,13 +139,13 @@ export async function serveSealedJob(request: SealedJobMessage, d: SealedJobDeps
     for (const [index, call] of (result.toolCalls ?? []).entries()) await sealToolCall(index, call, sendSealed);
     const usage = { prompt_tokens: result.promptTokens, completion_tokens: result.completionTokens, total_tokens: result.promptTokens + result.completionTokens };
     await sendSealed({ t: 'done', finish_reason: result.finishReason === 'length' ? 'length' : result.finishReason === 'tool_calls' ? 'tool_calls' : 'stop', usage }, true);
-    await d.send({ type: 'done', finishReason: result.finishReason, usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs, generateMs: performance.now() - jobStart, sealedOutcome: 'ok' });
+    await d.send({ type: 'done', finishReason: result.finishReason, usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs, promptEvalMs, modelMs, generateMs: performance.now() - jobStart, sealedOutcome: 'ok' });
   } catch (err) {
     const code = isPhantomaError(err) ? err.code : ERRORS.WORKER_FAILED.code;
     const status = isPhantomaError(err) ? err.status : ERRORS.WORKER_FAILED.status;
     const message = isPhantomaError(err) ? err.message : 'the worker failed';
     await sendSealed({ t: 'error', code, status, message }, true);
-    await d.send({ type: 'done', finishReason: 'stop', usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs, generateMs: performance.now() - jobStart, sealedOutcome: 'error' });
+    await d.send({ type: 'done', finishReason: 'stop', usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs, promptEvalMs, modelMs, generateMs: performance.now() - jobStart, sealedOutcome: 'error' });
   }
 }
 

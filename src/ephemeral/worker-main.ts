@@ -153,16 +153,26 @@ async function main(): Promise<void> {
     return exit(0);
   }
   let firstTokenMs: number | null = null;
+  let promptEvalMs: number | null = null;
+  let modelMs: number | null = null;
+  const token = (): void => {
+    const now = performance.now();
+    modelMs = now - modelStart;
+    if (firstTokenMs !== null) return;
+    firstTokenMs = now - jobStart;
+    promptEvalMs = modelMs;
+  };
   const opts: GenerateOptions = {
     ...request.params,
     signal: abort.signal,
     onText: (text) => {
-      firstTokenMs ??= performance.now() - jobStart;
+      token();
       void send({ type: 'chunk', text });
     },
   };
+  const modelStart = performance.now();
   const result = await runGeneration(context, chatWrapper, request, opts, (text, logprobs) => {
-    firstTokenMs ??= performance.now() - jobStart;
+    token();
     void send({ type: 'chunk', text, logprobs });
   });
   if (result.toolCalls) await send({ type: 'tool_calls', calls: result.toolCalls });
@@ -171,6 +181,8 @@ async function main(): Promise<void> {
     finishReason: result.finishReason,
     usage: { promptTokens: result.promptTokens, completionTokens: result.completionTokens },
     firstTokenMs,
+    promptEvalMs,
+    modelMs,
     generateMs: performance.now() - jobStart,
   });
   await exit(0);

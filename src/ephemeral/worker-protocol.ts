@@ -96,6 +96,10 @@ export type FromWorker =
       finishReason: FinishReason;
       usage: Usage;
       firstTokenMs: number | null;
+      /** From handing the input to the model to its first token: the model's own share of firstTokenMs. */
+      promptEvalMs?: number | null;
+      /** From handing the input to the model to its last token: the model's own time (generateMs is the job's). */
+      modelMs?: number | null;
       generateMs: number;
       /** Sealed jobs only: the answer's last sealed event was `done` (ok) or `error`; usage is not reported. */
       sealedOutcome?: 'ok' | 'error';

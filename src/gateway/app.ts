@@ -303,6 +303,7 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
 
   function observe(model: string, r: JobResult): void {
     if (r.firstTokenMs !== null) metrics.timeToFirstToken.observe({ model }, r.firstTokenMs / 1000);
+    if (r.promptEvalMs !== null) metrics.promptEval.observe({ model }, r.promptEvalMs / 1000);
     const decodeSeconds = (r.generateMs - (r.firstTokenMs ?? 0)) / 1000;
     if (r.usage.completionTokens > 1 && decodeSeconds > 0) metrics.tokensPerSecond.observe({ model }, (r.usage.completionTokens - 1) / decodeSeconds);
   }
@@ -313,6 +314,8 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
       promptTokens: r.usage.promptTokens,
       completionTokens: r.usage.completionTokens,
       ...(r.firstTokenMs === null ? {} : { workerTtftMs: Math.round(r.firstTokenMs * 10) / 10 }),
+      ...(r.promptEvalMs === null ? {} : { workerPromptEvalMs: Math.round(r.promptEvalMs * 100) / 100 }),
+      ...(r.modelMs === null ? {} : { workerModelMs: Math.round(r.modelMs * 100) / 100 }),
       workerGenerateMs: Math.round(r.generateMs * 10) / 10,
     };
   }

@@ -179,6 +179,12 @@ t.test('logs carry ids, counts and durations, never a prompt, an answer or a key
   const lines = n.logs.map((l) => JSON.parse(l)).filter((l) => l.msg === 'request' && l.route === '/v1/chat/completions' && l.status === 200);
   t.ok(lines.length > 0);
   t.match(lines.at(-1), { reqId: String, model: 'tiny', workerId: String, ms: Number, promptTokens: Number, completionTokens: Number });
+  // The worker splits its time: the model's own share (prompt evaluation, then up to the last token) of the
+  // job's first-token and whole time; the rest is the node's.
+  const last = lines.at(-1) as { workerTtftMs: number; workerPromptEvalMs: number; workerModelMs: number; workerGenerateMs: number };
+  // (The log rounds first-token and job times to 0.1 ms, the model's to 0.01 ms.)
+  t.ok(last.workerPromptEvalMs > 0 && last.workerPromptEvalMs <= last.workerTtftMs + 0.05, `prompt evaluation ${last.workerPromptEvalMs} ms within the first token's ${last.workerTtftMs} ms`);
+  t.ok(last.workerModelMs >= last.workerPromptEvalMs && last.workerModelMs <= last.workerGenerateMs + 0.05, `model time ${last.workerModelMs} ms between the prompt's evaluation and the job's ${last.workerGenerateMs} ms`);
 
   const auditDir = join(n.stateDir, 'audit');
   const auditText = readdirSync(auditDir).map((f) => readFileSync(join(auditDir, f), 'utf8')).join('');
@@ -194,5 +200,6 @@ t.test('logs carry ids, counts and durations, never a prompt, an answer or a key
   t.match(metrics, /phantoma_errors_total\{code="model_not_found"\} \d+/);
   t.match(metrics, /phantoma_pool_workers\{model="tiny",state="ready"\} \d/);
   t.match(metrics, /phantoma_time_to_first_token_seconds_count\{model="tiny"\} \d+/);
+  t.match(metrics, /phantoma_prompt_eval_seconds_count\{model="tiny"\} [1-9]\d*/);
   t.match(metrics, /phantoma_worker_start_seconds_count\{model="tiny"\} \d+/);
 });

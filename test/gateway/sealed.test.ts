@@ -59,6 +59,11 @@ t.test('a streamed sealed chat: text arrives in order, the receipt verifies and 
   t.equal(a.receipt.egressPolicyHash, doc.egressPolicyHash, 'the receipt names the egress policy of the key document');
   const served = auditEntries().filter((e) => e.type === 'request_served' && e.outcome === 'ok');
   t.ok(served.length >= 1 && served.every((e: any) => e.promptTokens === 0), 'audited without token counts (they stay sealed)');
+  // The request log line has the worker's timings (what the gateway sees pass anyway), not its counts.
+  const line = n.logs.map((l) => JSON.parse(l)).find((l) => l.msg === 'request' && l.reqId === a.receipt.requestId);
+  t.match(line, { sealed: true, workerTtftMs: Number, workerPromptEvalMs: Number, workerModelMs: Number }, 'the sealed request\'s log line carries the worker\'s timings');
+  t.ok(line.workerPromptEvalMs > 0 && line.workerPromptEvalMs <= line.workerTtftMs + 0.05 && line.workerModelMs >= line.workerPromptEvalMs, `the model's share: prompt ${line.workerPromptEvalMs} ms, model ${line.workerModelMs} ms, first token ${line.workerTtftMs} ms`);
+  t.notOk('promptTokens' in line, 'no token count in it');
   // The gateway had keyd decapsulate for the worker while the job travelled (keyd's prepare): the worker
   // got its key pushed instead of asking after it read the job.
   let decaps: any[] = [];
