@@ -10,6 +10,7 @@ import { ENVELOPE_VERSION, SIGNATURE_BYTES, encodeHeader, parseEnvelope, transcr
 import { MLKEM768_CIPHERTEXT_BYTES, X25519_PUBLIC_BYTES } from '../sealed/kem.ts';
 import { createChunkSealer, deriveSessionKeys, openBody, sealBody, type SessionKeys } from '../sealed/seal.ts';
 import { encodeEvent, jobFromSealedBody, type SealedEvent } from '../sealed/inner.ts';
+import { startJobTiming } from './job-timing.ts';
 
 export type SealedJobMessage = Extract<JobMessage, { kind: 'sealed' }>;
 type OpenedJob = Exclude<JobMessage, SealedJobMessage>;
@@ -42,15 +43,11 @@ export const SEALED_TEXT_PIECE = 2048;
  * validate, a context overflow) goes back sealed; the gateway learns only that the answer ended in an error.
  */
 export async function serveSealedJob(request: SealedJobMessage, d: SealedJobDeps): Promise<void> {
-  const jobStart = performance.now();
+  const timing = startJobTiming();
   const env = parseEnvelope(Buffer.from(request.envelope, 'base64'), d.maxEnvelopeBytes);
   const keys = await d.takeKeys(env, request.prepared === true);
   const sealer = createChunkSealer(keys.responseKey);
   const sendSealed = (e: SealedEvent, final: boolean): Promise<void> => d.send({ type: 'sealed', data: sealer.seal(encodeEvent(e), final).toString('base64'), final });
-  let firstTokenMs: number | null = null;
-  let promptEvalMs: number | null = null;
-  let modelMs: number | null = null;
-  let modelStart = 0;
   try {
     let json: Buffer;
     try {
@@ -75,7 +72,7 @@ export async function serveSealedJob(request: SealedJobMessage, d: SealedJobDeps
         }
       });
       await sendSealed({ t: 'done', finish_reason: 'stop', usage: { prompt_tokens: promptTokens, completion_tokens: 0, total_tokens: promptTokens } }, true);
-      await d.send({ type: 'done', finishReason: 'stop', usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs: null, generateMs: performance.now() - jobStart, sealedOutcome: 'ok' });
+      await d.send({ type: 'done', finishReason: 'stop', usage: { promptTokens: 0, completionTokens: 0 }, ...timing.times(), sealedOutcome: 'ok' });
       return;
     }
     let pending = '';
@@ -110,12 +107,7 @@ export async function serveSealedJob(request: SealedJobMessage, d: SealedJobDeps
         generated += ids.length;
       },
       onText: (text) => {
-        const now = performance.now();
-        modelMs = now - modelStart;
-        if (firstTokenMs === null) {
-          firstTokenMs = now - jobStart;
-          promptEvalMs = modelMs;
-        }
+        timing.token();
         pending += text;
         // Streamed: each piece of text goes as soon as the next token is under way. Not streamed: gathered
         // into few large chunks.
@@ -125,7 +117,7 @@ export async function serveSealedJob(request: SealedJobMessage, d: SealedJobDeps
       },
     };
     let logprobsSent = Promise.resolve();
-    modelStart = performance.now();
+    timing.modelStarts();
     const result = await d.generate(job, opts, (text, entries) => {
       opts.onText?.(text);
       // Entries follow their text, in groups that stay far below the largest chunk bucket.
@@ -139,13 +131,13 @@ export async function serveSealedJob(request: SealedJobMessage, d: SealedJobDeps
     for (const [index, call] of (result.toolCalls ?? []).entries()) await sealToolCall(index, call, sendSealed);
     const usage = { prompt_tokens: result.promptTokens, completion_tokens: result.completionTokens, total_tokens: result.promptTokens + result.completionTokens };
     await sendSealed({ t: 'done', finish_reason: result.finishReason === 'length' ? 'length' : result.finishReason === 'tool_calls' ? 'tool_calls' : 'stop', usage }, true);
-    await d.send({ type: 'done', finishReason: result.finishReason, usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs, promptEvalMs, modelMs, generateMs: performance.now() - jobStart, sealedOutcome: 'ok' });
+    await d.send({ type: 'done', finishReason: result.finishReason, usage: { promptTokens: 0, completionTokens: 0 }, ...timing.times(), sealedOutcome: 'ok' });
   } catch (err) {
     const code = isPhantomaError(err) ? err.code : ERRORS.WORKER_FAILED.code;
     const status = isPhantomaError(err) ? err.status : ERRORS.WORKER_FAILED.status;
     const message = isPhantomaError(err) ? err.message : 'the worker failed';
     await sendSealed({ t: 'error', code, status, message }, true);
-    await d.send({ type: 'done', finishReason: 'stop', usage: { promptTokens: 0, completionTokens: 0 }, firstTokenMs, promptEvalMs, modelMs, generateMs: performance.now() - jobStart, sealedOutcome: 'error' });
+    await d.send({ type: 'done', finishReason: 'stop', usage: { promptTokens: 0, completionTokens: 0 }, ...timing.times(), sealedOutcome: 'error' });
   }
 }
 

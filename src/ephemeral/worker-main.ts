@@ -11,6 +11,7 @@ import { createKeydClient, keepAlive, openKeydConnection, sessionKeysOf, type De
 import type { SessionKeys } from '../sealed/seal.ts';
 import { KEYD_IDLE_MS } from '../vault/keyd.ts';
 import { serveSealedJob, warmSealedJob } from './sealed-job.ts';
+import { startJobTiming } from './job-timing.ts';
 import type { LlamaContext, ChatWrapper } from 'node-llama-cpp';
 
 export interface WorkerSpec {
@@ -146,33 +147,23 @@ async function main(): Promise<void> {
     });
     return exit(0);
   }
-  const jobStart = performance.now();
+  const timing = startJobTiming();
   if (request.kind === 'embeddings') {
     const { promptTokens } = await embed(context, request.inputs, spec, (index, embedding) => send({ type: 'embedding', index, embedding }));
-    await send({ type: 'done', finishReason: 'stop', usage: { promptTokens, completionTokens: 0 }, firstTokenMs: null, generateMs: performance.now() - jobStart });
+    await send({ type: 'done', finishReason: 'stop', usage: { promptTokens, completionTokens: 0 }, ...timing.times() });
     return exit(0);
   }
-  let firstTokenMs: number | null = null;
-  let promptEvalMs: number | null = null;
-  let modelMs: number | null = null;
-  const token = (): void => {
-    const now = performance.now();
-    modelMs = now - modelStart;
-    if (firstTokenMs !== null) return;
-    firstTokenMs = now - jobStart;
-    promptEvalMs = modelMs;
-  };
   const opts: GenerateOptions = {
     ...request.params,
     signal: abort.signal,
     onText: (text) => {
-      token();
+      timing.token();
       void send({ type: 'chunk', text });
     },
   };
-  const modelStart = performance.now();
+  timing.modelStarts();
   const result = await runGeneration(context, chatWrapper, request, opts, (text, logprobs) => {
-    token();
+    timing.token();
     void send({ type: 'chunk', text, logprobs });
   });
   if (result.toolCalls) await send({ type: 'tool_calls', calls: result.toolCalls });
@@ -180,10 +171,7 @@ async function main(): Promise<void> {
     type: 'done',
     finishReason: result.finishReason,
     usage: { promptTokens: result.promptTokens, completionTokens: result.completionTokens },
-    firstTokenMs,
-    promptEvalMs,
-    modelMs,
-    generateMs: performance.now() - jobStart,
+    ...timing.times(),
   });
   await exit(0);
 }

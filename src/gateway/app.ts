@@ -11,7 +11,7 @@ import { PhantomaError, ERRORS, isPhantomaError } from '../errors.ts';
 import type { WorkerPool, JobResult } from '../ephemeral/pool.ts';
 import type { JobMessage } from '../ephemeral/worker-protocol.ts';
 import type { ApiKeyStore } from './api-keys.ts';
-import type { GatewayMetrics } from './metrics.ts';
+import { workerTimingFields, type GatewayMetrics } from './metrics.ts';
 import type { AuditEvent } from '../audit/audit-events.ts';
 import { KEY_DOCUMENT_PATH, type KeyDocumentSource } from './key-document.ts';
 import { registerSealedRoute, type SealedApiDeps } from './sealed-route.ts';
@@ -310,14 +310,7 @@ export async function buildGateway(deps: GatewayDeps): Promise<{ app: FastifyIns
 
   /** Counts and worker-side timings for the request log line (no content). */
   function resultFields(r: JobResult): Record<string, number> {
-    return {
-      promptTokens: r.usage.promptTokens,
-      completionTokens: r.usage.completionTokens,
-      ...(r.firstTokenMs === null ? {} : { workerTtftMs: Math.round(r.firstTokenMs * 10) / 10 }),
-      ...(r.promptEvalMs === null ? {} : { workerPromptEvalMs: Math.round(r.promptEvalMs * 100) / 100 }),
-      ...(r.modelMs === null ? {} : { workerModelMs: Math.round(r.modelMs * 100) / 100 }),
-      workerGenerateMs: Math.round(r.generateMs * 10) / 10,
-    };
+    return { promptTokens: r.usage.promptTokens, completionTokens: r.usage.completionTokens, ...workerTimingFields(r) };
   }
 
   /** A served request (a worker ran) or a refusal (none did), with the stable code when it failed. */

@@ -2,7 +2,21 @@
 // do not mix). Labels are route patterns, status codes, error codes and configured model names only:
 // nothing a client typed ever becomes a label.
 import { Registry, Counter, Gauge, Histogram, collectDefaultMetrics } from 'prom-client';
-import type { PoolObserver, WorkerPool } from '../ephemeral/pool.ts';
+import type { JobResult, PoolObserver, WorkerPool } from '../ephemeral/pool.ts';
+
+/**
+ * A job's worker-side timings for its request log line, plain or sealed (the gateway sees a sealed answer's
+ * chunks pass anyway; its token counts stay inside it): time to first token and the whole job's, and the
+ * model's own share of each (the rest is the node's).
+ */
+export function workerTimingFields(r: JobResult): Record<string, number> {
+  return {
+    ...(r.firstTokenMs === null ? {} : { workerTtftMs: Math.round(r.firstTokenMs * 10) / 10 }),
+    ...(r.promptEvalMs === null ? {} : { workerPromptEvalMs: Math.round(r.promptEvalMs * 100) / 100 }),
+    ...(r.modelMs === null ? {} : { workerModelMs: Math.round(r.modelMs * 100) / 100 }),
+    workerGenerateMs: Math.round(r.generateMs * 10) / 10,
+  };
+}
 
 export interface GatewayMetrics {
   registry: Registry;

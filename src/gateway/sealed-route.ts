@@ -17,6 +17,7 @@ import type { JobEnd, JobResult } from '../ephemeral/pool.ts';
 import type { ServedModel } from './app.ts';
 import type { AuditEvent } from '../audit/audit-events.ts';
 import { errorBody } from './openai.ts';
+import { workerTimingFields } from './metrics.ts';
 import type { RefreshMoment } from './sealed-registry.ts';
 
 export const SEALED_PATH = '/phantoma/v1/sealed';
@@ -171,7 +172,7 @@ export function registerSealedRoute(
       try {
         const result = await lease.run(job, { onChunk: () => undefined, onSealed: (d) => chunks.push(d), onEnded, signal: ac.signal, timeoutMs: deps.requestTimeoutMs });
         deps.observe(served.name, result);
-        request.logFields = { ...request.logFields, ...timingFields(result) };
+        request.logFields = { ...request.logFields, ...workerTimingFields(result) };
         const outcome = result.sealedOutcome ?? 'ok';
         served_(outcome);
         return { chunks, receipt: await receiptFor(request.id, body, outcome, end) };
@@ -194,7 +195,7 @@ export function registerSealedRoute(
     try {
       const result = await lease.run(job, { onChunk: () => undefined, onSealed: (d) => event('chunk', d), onEnded, signal: ac.signal, timeoutMs: deps.requestTimeoutMs });
       deps.observe(served.name, result);
-      request.logFields = { ...request.logFields, ...timingFields(result) };
+      request.logFields = { ...request.logFields, ...workerTimingFields(result) };
       outcome = result.sealedOutcome ?? 'ok';
       served_(outcome);
     } catch (err) {
@@ -212,18 +213,6 @@ export function registerSealedRoute(
     }
     raw.end();
   });
-}
-
-/**
- * The worker's timings for the request log line. Only timings: the gateway sees when chunks pass anyway,
- * while a sealed job's token counts stay inside the sealed answer.
- */
-function timingFields(r: JobResult): Record<string, number> {
-  return {
-    ...(r.firstTokenMs === null ? {} : { workerTtftMs: Math.round(r.firstTokenMs * 10) / 10 }),
-    ...(r.promptEvalMs === null ? {} : { workerPromptEvalMs: Math.round(r.promptEvalMs * 100) / 100 }),
-    ...(r.modelMs === null ? {} : { workerModelMs: Math.round(r.modelMs * 100) / 100 }),
-  };
 }
 
 function outcomeOf(e: PhantomaError): string {
