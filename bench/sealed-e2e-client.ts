@@ -1,7 +1,7 @@
 // The client side of bench/sealed-e2e.bench.ts, in its own process as a real client is (in the node's
 // process it would share one event loop with the gateway). Told over IPC which arm to run next; answers
 // with the time from sending to the last content chunk and the node's request id (to find the worker's
-// prompt-evaluation time in the node's log).
+// model time in the node's log).
 import { createPrivateKey } from 'node:crypto';
 import { createSealedClient } from '../src/client/sealed.ts';
 

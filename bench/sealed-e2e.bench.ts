@@ -114,10 +114,9 @@ const models = { plain: timed.plain.map((t) => modelTime(t).modelMs), sealed: ti
 const evals = { plain: timed.plain.map((t) => modelTime(t).promptEvalMs), sealed: timed.sealed.map((t) => modelTime(t).promptEvalMs) };
 const mean = (xs: readonly number[]): number => xs.reduce((a, b) => a + b, 0) / xs.length;
 const withoutModel = { plain: samples.plain.map((ms, i) => ms - models.plain[i]!), sealed: samples.sealed.map((ms, i) => ms - models.sealed[i]!) };
-// The prompt's evaluation varies by a few ms from one request to the next on this 2-vCPU VM, far more than
-// the sealed path adds, so one median of N pairs moves by about a millisecond between runs. The report gives
-// a 95 % interval for the paired median (bootstrap over the pairs, fixed seed) and a 25 %-trimmed mean;
-// bench/sealed-e2e-pool.ts pools the pairs of several runs.
+// Both readings (as measured, and with each request's model time taken out) give a 95 % interval for the
+// paired median (bootstrap over the pairs, fixed seed) and a 25 %-trimmed mean; one run's median still
+// moves between runs, and bench/sealed-e2e-pool.ts pools the pairs of several.
 const adjusted = pairedReport(withoutModel.plain, withoutModel.sealed);
 const report = {
   date: new Date().toISOString(),

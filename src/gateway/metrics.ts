@@ -43,22 +43,12 @@ export function createGatewayMetrics(): GatewayMetrics {
   });
   const workerStartFailures = new Counter({ name: 'phantoma_worker_start_failures_total', help: 'Workers that exited before becoming ready', labelNames: ['model', 'code'] as const, registers: [registry] });
   const workersEnded = new Counter({ name: 'phantoma_workers_ended_total', help: 'Workers ended after a lease, by outcome', labelNames: ['model', 'outcome'] as const, registers: [registry] });
+  const latencyPerModel = (name: string, help: string): Histogram<'model'> =>
+    new Histogram({ name, help, labelNames: ['model'] as const, buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5], registers: [registry] });
+  const timeToFirstToken = latencyPerModel('phantoma_time_to_first_token_seconds', 'Job start to first generated text');
   // The model's own share of the time to first token; the rest (job hand-over, a sealed body's opening)
   // is the node's overhead, which this split lets an operator see apart from prompt length and load.
-  const promptEval = new Histogram({
-    name: 'phantoma_prompt_eval_seconds',
-    help: 'Input handed to the model to its first generated text',
-    labelNames: ['model'] as const,
-    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
-    registers: [registry],
-  });
-  const timeToFirstToken = new Histogram({
-    name: 'phantoma_time_to_first_token_seconds',
-    help: 'Job start to first generated text',
-    labelNames: ['model'] as const,
-    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
-    registers: [registry],
-  });
+  const promptEval = latencyPerModel('phantoma_prompt_eval_seconds', 'Input handed to the model to its first generated text');
   const tokensPerSecond = new Histogram({
     name: 'phantoma_decode_tokens_per_second',
     help: 'Completion tokens per second of generation, per request',
