@@ -5,6 +5,7 @@ import type { Logger } from '../logger.ts';
 import { PhantomaError, ERRORS } from '../errors.ts';
 import type { WorkerBackend, WorkerHandle } from './backend.ts';
 import type { WorkerSpec } from './worker-main.ts';
+import type { JobTimes } from './job-timing.ts';
 import { createLineDecoder, encodeMessage, type FromWorker, type JobMessage, type Usage, type FinishReason, type ToolCall, type TokenLogprob } from './worker-protocol.ts';
 
 export type WorkerState = 'starting' | 'ready' | 'busy';
@@ -47,15 +48,10 @@ export interface PoolOptions {
 /** For /v1/models: serving now, warming up, scaled to zero (starts on demand), or unable to start. */
 export type PoolState = 'ready' | 'starting' | 'idle' | 'unavailable';
 
-export interface JobResult {
+/** What a job's worker reported at its end: its times (job and model, src/ephemeral/job-timing.ts) and more. */
+export interface JobResult extends JobTimes {
   finishReason: FinishReason;
   usage: Usage;
-  firstTokenMs: number | null;
-  /** The model's own share of firstTokenMs (its prompt evaluation); the rest is the node's. */
-  promptEvalMs: number | null;
-  /** The model's own time, input to last token. */
-  modelMs: number | null;
-  generateMs: number;
   /** A sealed job: whether the worker's sealed answer ended in its `done` or its `error` event. */
   sealedOutcome?: 'ok' | 'error';
 }
@@ -298,7 +294,7 @@ export function createWorkerPool(opts: PoolOptions): WorkerPool {
             else if (m.type === 'embedding') run.onEmbedding?.(m.index, m.embedding);
             else if (m.type === 'sealed') run.onSealed?.(m.data, m.final);
             else if (m.type === 'done') {
-              finish('ok', undefined, { finishReason: m.finishReason, usage: m.usage, firstTokenMs: m.firstTokenMs, promptEvalMs: m.promptEvalMs ?? null, modelMs: m.modelMs ?? null, generateMs: m.generateMs, ...(m.sealedOutcome ? { sealedOutcome: m.sealedOutcome } : {}) });
+              finish('ok', undefined, { finishReason: m.finishReason, usage: m.usage, firstTokenMs: m.firstTokenMs, promptEvalMs: m.promptEvalMs, modelMs: m.modelMs, generateMs: m.generateMs, ...(m.sealedOutcome ? { sealedOutcome: m.sealedOutcome } : {}) });
             }
             else if (m.type === 'error') finish(m.code === ERRORS.CONTEXT_LENGTH_EXCEEDED.code ? 'refused' : 'worker_failed', workerError(m.code, m.message));
           };

@@ -3,6 +3,7 @@
 // TCP, no ports. Each side bounds line length, and any line that does not parse is a protocol error that
 // ends the worker. Messages carry ids, counts and generated text — the worker's stdout goes only to the
 // gateway, which never logs it.
+import type { JobTimes } from './job-timing.ts';
 
 export const MAX_MESSAGE_BYTES = 8 * 1024 * 1024;
 
@@ -91,19 +92,13 @@ export type FromWorker =
   | { type: 'embedding'; index: number; embedding: number[] }
   /** A sealed chunk for the client (base64 of `u8 final ‖ AES-256-GCM(...)`): the gateway relays it as is. */
   | { type: 'sealed'; data: string; final: boolean }
-  | {
+  | ({
       type: 'done';
       finishReason: FinishReason;
       usage: Usage;
-      firstTokenMs: number | null;
-      /** From handing the input to the model to its first token: the model's own share of firstTokenMs. */
-      promptEvalMs?: number | null;
-      /** From handing the input to the model to its last token: the model's own time (generateMs is the job's). */
-      modelMs?: number | null;
-      generateMs: number;
       /** Sealed jobs only: the answer's last sealed event was `done` (ok) or `error`; usage is not reported. */
       sealedOutcome?: 'ok' | 'error';
-    }
+    } & JobTimes)
   | { type: 'error'; code: string; message: string };
 
 export function encodeMessage(m: ToWorker | FromWorker): string {
