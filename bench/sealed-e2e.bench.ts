@@ -28,8 +28,12 @@ import { createVault } from '../src/vault/store.ts';
 import { projectRoot } from '../src/paths.ts';
 import { pairedReport } from './stats.ts';
 
-const { values } = parseArgs({ options: { iterations: { type: 'string', default: '30' } } });
+// --stepped: run by bench/sealed-e2e-ab.ts, which compares two source trees in one run; each pair then
+// waits for its turn (an IPC message) and the pool has refilled before the turn is handed back, so the
+// other tree's node runs its pair on an idle machine. --out: where the report goes.
+const { values } = parseArgs({ options: { iterations: { type: 'string', default: '30' }, stepped: { type: 'boolean', default: false }, out: { type: 'string' } } });
 const N = Number(values.iterations);
+const stepped = values.stepped && process.send !== undefined;
 const root = projectRoot();
 const dir = mkdtempSync(join(tmpdir(), 'phantoma-sealed-bench-'));
 const alice = generateKeyPairSync('ed25519');
@@ -92,12 +96,22 @@ async function run(arm: 'plain' | 'sealed'): Promise<{ ms: number; requestId: st
   return { ms: m.ms, requestId: m.requestId };
 }
 
+const turns: Array<() => void> = [];
+if (stepped) process.on('message', (m: { turn?: number }) => void (m.turn !== undefined && turns.shift()?.()));
+const myTurn = (): Promise<void> => new Promise((res) => turns.push(res));
+if (stepped) process.send!({ ready: true });
+
 const timed = { plain: [] as Array<{ ms: number; requestId: string }>, sealed: [] as Array<{ ms: number; requestId: string }> };
 for (let i = 0; i < N + 3; i++) {
+  if (stepped) await myTurn();
   await full();
   const p = await run('plain');
   await full();
   const s = await run('sealed');
+  if (stepped) {
+    await full();
+    process.send!({ done: i });
+  }
   if (i >= 3) {
     timed.plain.push(p);
     timed.sealed.push(s);
@@ -136,8 +150,9 @@ console.log(`\nto the last content chunk, 4 KiB prompt, 8 tokens, ${N} pairs: pl
 mkdirSync(join(root, 'bench', 'results'), { recursive: true });
 // The pairs themselves too, so runs can be pooled (bench/README.md).
 const round2 = (xs: number[]): number[] => xs.map((x) => Math.round(x * 100) / 100);
-writeFileSync(join(root, 'bench', 'results', 'sealed-e2e.json'), JSON.stringify({ ...report, pairs: { plainMs: round2(samples.plain), sealedMs: round2(samples.sealed), plainModelMs: round2(models.plain), sealedModelMs: round2(models.sealed) } }) + '\n');
+writeFileSync(values.out ?? join(root, 'bench', 'results', 'sealed-e2e.json'), JSON.stringify({ ...report, pairs: { plainMs: round2(samples.plain), sealedMs: round2(samples.sealed), plainModelMs: round2(models.plain), sealedModelMs: round2(models.sealed) } }) + '\n');
 client.send({ arm: 'exit' });
 await new Promise((res) => client.once('exit', res));
 await node.close();
 rmSync(dir, { recursive: true, force: true });
+if (stepped) process.disconnect();
