@@ -23,6 +23,9 @@ import type { RefreshMoment } from './sealed-registry.ts';
 export const SEALED_PATH = '/phantoma/v1/sealed';
 export const SEALED_CONTENT_TYPE = 'application/vnd.phantoma.sealed-envelope';
 
+/** A streamed sealed answer's 200 waits at most this long for its first event (a long prompt's evaluation). */
+export const SEALED_HEAD_DELAY_MS = 50;
+
 export interface SealedApiDeps {
   maxEnvelopeBytes: number;
   windowMs: number;
@@ -187,11 +190,21 @@ export function registerSealedRoute(
 
     reply.hijack();
     const raw = reply.raw;
-    raw.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-request-id': request.id });
+    // The 200 goes with the first event, or SEALED_HEAD_DELAY_MS after the job, whichever is first; not
+    // before the job. Written at once, it woke the client while keyd and the worker took the job: on a
+    // small machine three processes for two cores, on the step that decides when the model starts.
+    let headWritten = false;
+    const writeHead = (): void => {
+      if (headWritten || raw.destroyed) return;
+      headWritten = true;
+      raw.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-request-id': request.id });
+    };
     const event = (name: string, data: string): void => {
+      writeHead();
       if (!raw.destroyed) raw.write(`event: ${name}\ndata: ${data}\n\n`);
     };
     let outcome = 'ok';
+    const headTimer = setTimeout(writeHead, SEALED_HEAD_DELAY_MS);
     try {
       const result = await lease.run(job, { onChunk: () => undefined, onSealed: (d) => event('chunk', d), onEnded, signal: ac.signal, timeoutMs: deps.requestTimeoutMs });
       deps.observe(served.name, result);
@@ -211,6 +224,8 @@ export function registerSealedRoute(
       request.log.error({ code: isPhantomaError(err) ? err.code : 'receipt_failed' }, 'no receipt could be signed');
       event('error', JSON.stringify(errorBody(new PhantomaError(ERRORS.KEYD_UNAVAILABLE, 'the receipt could not be signed'))));
     }
+    clearTimeout(headTimer);
+    writeHead();
     raw.end();
   });
 }
