@@ -193,10 +193,8 @@ export function registerSealedRoute(
     // The 200 goes with the first event, or SEALED_HEAD_DELAY_MS after the job, whichever is first; not
     // before the job. Written at once, it woke the client while keyd and the worker took the job: on a
     // small machine three processes for two cores, on the step that decides when the model starts.
-    let headWritten = false;
     const writeHead = (): void => {
-      if (headWritten || raw.destroyed) return;
-      headWritten = true;
+      if (raw.headersSent || raw.destroyed) return;
       raw.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-request-id': request.id });
     };
     const event = (name: string, data: string): void => {
